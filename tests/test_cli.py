@@ -49,6 +49,8 @@ def test_scan_writes_the_contract(monkeypatch, capsys, tiny_llama_dir, corpus_fi
         capsys,
         "scan",
         str(tiny_llama_dir),
+        "--probes",
+        "sink",
         "--corpus",
         str(corpus_file),
         "--out",
@@ -255,8 +257,23 @@ def test_unreachable_hub_fails_fast(monkeypatch, capsys, tmp_path):
 def test_scan_many_probes_on_repeats(monkeypatch, capsys, tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     probes = "sink,entropy,mean_distance,waad,prev_token,duplicate_token,induction"
-    code, _, err = run(monkeypatch, capsys, "scan", str(tiny_llama_dir), "--probes", probes, "--corpus", "repeats",
-                       "--max-length", "33", "--limit", "3", "--out", str(out), "--no-progress")
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "scan",
+        str(tiny_llama_dir),
+        "--probes",
+        probes,
+        "--corpus",
+        "repeats",
+        "--max-length",
+        "33",
+        "--limit",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert code == 0, err
     heads = pd.read_parquet(out / "heads.parquet")
     assert sorted(heads.probe.unique()) == sorted(probes.split(","))
@@ -268,7 +285,17 @@ def test_scan_many_probes_on_repeats(monkeypatch, capsys, tiny_llama_dir, tmp_pa
 
 
 def test_repeat_probes_need_the_repeats_corpus(monkeypatch, capsys, tiny_llama_dir, corpus_file, tmp_path):
-    code, _, err = run(monkeypatch, capsys, "scan", str(tiny_llama_dir), "--probes", "induction",
-                       "--corpus", str(corpus_file), "--out", str(tmp_path / "r"))
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "scan",
+        str(tiny_llama_dir),
+        "--probes",
+        "induction",
+        "--corpus",
+        str(corpus_file),
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert_one_line_error(code, err, "repeats")
     assert not (tmp_path / "r").exists()

@@ -36,6 +36,7 @@ import headmap
 from headmap.corpus import Corpus, Sample
 from headmap.probes.induction import InductionProbe
 from headmap.probes.prev_token import PrevTokenProbe
+from headmap.probes.retrieval import RetrievalProbe
 
 pytestmark = pytest.mark.slow
 
@@ -221,3 +222,26 @@ def test_planted_heads_equal_brute_force(trained, eval_ids, atlas):
         assert got.shape == (LAYERS, HEADS)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=probe)
         assert np.unravel_index(got.argmax(), got.shape) == np.unravel_index(want.argmax(), want.shape)
+
+
+def test_the_induction_head_is_the_retrieval_head(trained, eval_ids, atlas):
+    """Needle = tokens r[m : m + k] of the first copy; the prompt stops after r[:m] of the second copy.
+
+    The trained model answers by induction, copying the needle token by token while decoding, so the
+    retrieval probe in generation mode (the paper's) must find the induction head, and only it.
+    """
+    m, k = 4, 5
+    samples = []
+    for row in eval_ids[:16].tolist():
+        prompt = row[: OFFSET + EVAL_LENGTH + m]
+        needle = [OFFSET + m, OFFSET + m + k]
+        samples.append(Sample(prompt, {"needle_span": needle, "answer_ids": row[needle[0] : needle[1]]}))
+    corpus = Corpus("planted-needle", samples, {"name": "planted-needle"})
+    probe = RetrievalProbe()
+    found = headmap.scan(trained.model, probes=[probe], corpus=corpus, batch_size=8, progress=False)
+    assert probe.reproduced >= 12, f"the model reproduced only {probe.reproduced} of 16 needles"
+    first, second = top_two(found, "retrieval")
+    top = atlas.top("induction", k=1)
+    induction = (int(top["layer"][0]), int(top["head"][0]))
+    assert (first["layer"], first["head"]) == induction, found.grid("retrieval").round(3)
+    assert first["value"] > 0.8 and second["value"] < 0.3, found.grid("retrieval").round(3)

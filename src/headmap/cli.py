@@ -52,13 +52,20 @@ def scan(
         typer.Argument(help="hub id, local folder, .gguf file, or built-in name: smollm2 (default), minilm"),
     ] = None,
     probes: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="comma-separated: sink, entropy, mean_distance, waad, prev_token, duplicate_token, induction"
+            help="comma-separated probe names, each optionally with parameters (waad:window=20, "
+            "retrieval:mode=teacher); default: every probe that applies to the model. Head probes: sink, "
+            "entropy, mean_distance, waad, prev_token, duplicate_token, induction, retrieval, span, "
+            "position_profile; token probes: received, fai, sinks, massive_values"
         ),
-    ] = "sink",
+    ] = None,
     corpus: Annotated[
-        str | None, typer.Option(help="UTF-8 text file (one input per line) or built-in: text, repeats")
+        str | None,
+        typer.Option(
+            help="built-in: text, repeats, needle, items (options: needle:depths=0,0.5,1:lengths=256,512), or a "
+            "UTF-8 text file (one input per line) or JSONL with spans; default: each probe's own built-in corpus"
+        ),
     ] = None,
     max_length: Annotated[
         int | None,
@@ -80,8 +87,11 @@ def scan(
         float,
         typer.Option(help="seconds between checkpoints of completed batches in --out (0: after every batch)"),
     ] = 30.0,
+    strict: Annotated[
+        bool, typer.Option(help="refuse corpus lines longer than --max-length instead of truncating them")
+    ] = False,
 ) -> None:
-    """Measure every head of MODEL with the chosen probes and write heads.parquet and meta.json.
+    """Measure every head and token of MODEL and write heads.parquet, tokens.parquet and meta.json.
 
     Completed batches are checkpointed into --out/.headmap-checkpoint; after Ctrl-C or a kill, run
     the same command with --resume to finish with the tables an uninterrupted run would give.
@@ -105,6 +115,7 @@ def scan(
             progress=progress and sys.stderr.isatty(),
             resume=resume,
             checkpoint_every_s=checkpoint_every,
+            strict=strict,
         )
     except KeyboardInterrupt as exc:  # typer would swallow it into a bare exit code: say what was kept
         if isinstance(exc, ScanInterrupted):
@@ -119,7 +130,12 @@ def scan(
         f"{atlas.meta['corpus']['tokens']} tokens, {atlas.meta['wall_time_s']:.1f} s"
         + (f" (resumed at input {', '.join(map(str, resumed))})" if (resumed := atlas.meta.get("resumed_from")) else "")
     )
+    for probe, reason in (atlas.meta.get("skipped_probes") or {}).items():
+        console.print(f"skipped {probe}: {reason}")
+    head_probes = set(atlas.heads.probe.unique())
     for probe in atlas.meta["probes"]:
+        if probe not in head_probes or (atlas.heads[atlas.heads.probe == probe].metric != probe).all():
+            continue
         top = atlas.top(probe, k=5)
         table = Table(title=f"top heads: {probe}", title_justify="left")
         for col in ("layer", "head", "kv_head", "value", "stderr", "n"):

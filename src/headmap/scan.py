@@ -19,8 +19,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,14 @@ from rich.progress import (
 )
 
 from . import checkpoint
-from .atlas import HEADS_SCHEMA, Atlas, check_output_folder, empty_frame
-from .corpus import Corpus, load_corpus
+from .atlas import HEADS_SCHEMA, TOKENS_SCHEMA, Atlas, check_output_folder, empty_frame
+from .corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from .engine import CONFIG as ENGINE_CONFIG
 from .engine import check_supported, observe
-from .errors import HeadmapError, OptionError, OutputError, ProbeError, ScanInterrupted
+from .errors import HeadmapError, NumericalError, OptionError, OutputError, ProbeError, ScanInterrupted
 from .models import LoadedModel, load_model, wrap_model
-from .probes import Probe, RepeatProbe, make_probes, supports_state
+from .probes import Probe, RepeatProbe, default_probe_names, make_probes, supports_state
+from .probes.base import Batch
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -86,6 +88,114 @@ def _check_probes(probes: Sequence[Probe], loaded: LoadedModel) -> None:
             )
 
 
+@dataclass
+class _Group:
+    """Probes that read the same corpus in the same forward passes (or one generating probe)."""
+
+    corpus: Corpus
+    probes: list[Probe]
+
+    @property
+    def generates(self) -> bool:
+        return any(p.generates for p in self.probes)
+
+
+def _plan_groups(
+    probe_objs: list[Probe],
+    explicit: bool,
+    corpus: Any,
+    make: Callable[[Any], Corpus],
+) -> tuple[list[_Group], dict[str, str]]:
+    """Which probes read which corpus; returns the groups and the default probes skipped (name: why).
+
+    With a corpus every probe reads it: an explicitly named probe that cannot read it is an error,
+    a default one is skipped. Without one, each probe reads its own built-in corpus (``text`` unless
+    it names another); a generating probe gets a group of its own.
+    """
+    skipped: dict[str, str] = {}
+    groups: list[_Group] = []
+    if corpus is not None:
+        data = corpus if isinstance(corpus, Corpus) else make(corpus)
+        keep = []
+        for p in probe_objs:
+            why = p.applies_to(data)
+            if why is None:
+                keep.append(p)
+            elif explicit:
+                raise ProbeError(
+                    f"probe {p.name} cannot read corpus '{data.name}': {why}; drop it from --probes, or leave "
+                    "out --corpus so that each probe reads its own built-in corpus"
+                )
+            else:
+                skipped[p.name] = why
+        if not keep:
+            raise ProbeError(f"no probe of the default set can read corpus '{data.name}'; name probes with --probes")
+        plain = [p for p in keep if not p.generates]
+        if plain:
+            groups.append(_Group(data, plain))
+        groups += [_Group(data, [p]) for p in keep if p.generates]
+        return groups, skipped
+    by_corpus: dict[str, list[Probe]] = {}
+    for p in probe_objs:
+        name = p.default_corpus or DEFAULT_CORPUS
+        if p.requires == "spans" and p.default_corpus is None:
+            if explicit:
+                raise ProbeError(
+                    f"probe {p.name} needs inputs with named spans and has no built-in corpus; pass a JSONL "
+                    'corpus whose lines hold {"text": ..., "spans": {...}} with --corpus'
+                )
+            skipped[p.name] = "it needs a corpus with spans"
+            continue
+        by_corpus.setdefault(name, []).append(p)
+    made: dict[str, Corpus] = {}
+    for name, members in by_corpus.items():
+        data = made.setdefault(name, make(name))
+        plain = [p for p in members if not p.generates]
+        if plain:
+            groups.append(_Group(data, plain))
+        groups += [_Group(data, [p]) for p in members if p.generates]
+    return groups, skipped
+
+
+def _combined(groups: list[_Group]) -> Corpus:
+    """All inputs of all groups in scan order (for the fingerprint and the progress count)."""
+    samples = [s for g in groups for s in g.corpus.samples]
+    names = "+".join(f"{g.corpus.name}[{','.join(p.name for p in g.probes)}]" for g in groups)
+    if len(groups) == 1:
+        desc = dict(groups[0].corpus.description)
+    else:
+        desc = {
+            "name": names,
+            "kind": "groups",
+            "groups": [{"probes": [p.name for p in g.probes], **g.corpus.description} for g in groups],
+            "inputs": len(samples),
+            "tokens": sum(len(s.ids) for s in samples),
+        }
+    return Corpus(names if len(groups) > 1 else groups[0].corpus.name, samples, desc)
+
+
+def _token_table(probes: Sequence[Probe], tokenizer: Any) -> pd.DataFrame:
+    frames = [f for f in (p.token_frame() for p in probes) if f is not None and len(f)]
+    if not frames:
+        return empty_frame(TOKENS_SCHEMA)
+    table = pd.concat(frames, ignore_index=True)
+    ids = table["token_id"].astype("int64")
+    if tokenizer is not None and hasattr(tokenizer, "convert_ids_to_tokens"):
+        unique = sorted(set(ids.tolist()))
+        names = dict(zip(unique, tokenizer.convert_ids_to_tokens(unique), strict=True))
+        table["token"] = ids.map(lambda t: str(names.get(t)))
+    else:
+        table["token"] = ids.astype(str)
+    table = table[TOKENS_SCHEMA.names]
+    if table["value"].isna().any():
+        bad = table[table["value"].isna()].iloc[0]
+        raise NumericalError(
+            f"token metric {bad['metric']} is NaN at sample {bad['sample']}, position {bad['position']}, "
+            f"layer {bad['layer']}; no NaN is written"
+        )
+    return table.sort_values(["metric", "sample", "layer", "position"], kind="stable").reset_index(drop=True)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an interrupt while a scan with an output folder runs."""
 
@@ -122,7 +232,7 @@ def _finished_run(folder: Path) -> Atlas | None:
 
 
 def _resume_point(
-    out: Path, fp: dict[str, Any], probes: Sequence[Probe], data: Corpus, batch_size: int, overwrite: bool
+    out: Path, fp: dict[str, Any], probes: Sequence[Probe], data: Corpus, boundaries: set[int], overwrite: bool
 ) -> tuple[int, dict[str, Any], Atlas | None]:
     """Where a ``resume=True`` scan starts: (inputs done, what the checkpoint recorded, a finished atlas).
 
@@ -166,11 +276,11 @@ def _resume_point(
             f"cannot resume the scan in {out}: {'; '.join(diffs)}; the checkpoint ({saved.done} of {saved.total} "
             "inputs) is kept: rerun the command that started it with --resume, or add --overwrite to start over"
         )
-    aligned = saved.done % batch_size == 0 or saved.done == len(data)
+    aligned = saved.done in boundaries
     if not (0 <= saved.done <= len(data) and aligned and len(saved.states) == len(probes)):
         raise OutputError(
-            f"the checkpoint in {out} is damaged ({saved.done} inputs done of {len(data)}, batches of {batch_size}, "
-            f"{len(saved.states)} probe states for {len(probes)} probes); add --overwrite to start over"
+            f"the checkpoint in {out} is damaged ({saved.done} inputs done of {len(data)}, not at a batch boundary "
+            f"or {len(saved.states)} probe states for {len(probes)} probes); add --overwrite to start over"
         )
     for probe, state in zip(probes, saved.states, strict=True):
         try:
@@ -183,7 +293,7 @@ def _resume_point(
 def scan(
     model: Any = None,
     tokenizer: Any = None,
-    probes: str | Sequence[str] | Sequence[Probe] = "sink",
+    probes: str | Sequence[str] | Sequence[Probe] | None = None,
     corpus: str | Path | Corpus | None = None,
     max_length: int | None = None,
     batch_size: int = 4,
@@ -196,11 +306,20 @@ def scan(
     progress: bool = True,
     resume: bool = False,
     checkpoint_every_s: float = checkpoint.DEFAULT_EVERY_S,
+    strict: bool = False,
 ) -> Atlas:
     """Measure ``probes`` on ``model`` over ``corpus``; write the run to ``out`` when given.
 
     ``model`` is a model object (then pass its ``tokenizer``), a built-in name (``smollm2``,
     ``minilm``), a local folder, a ``.gguf`` file or a hub id; None means ``smollm2``.
+
+    ``probes``: names (``"sink,waad:window=20"``), a list of names or of Probe objects; None runs the
+    default set: every probe that applies to the model (encoders: no causal-only probe). ``corpus``:
+    a built-in name (``text``, ``repeats``, ``needle``, ``items``, with options as in
+    ``needle:depths=0,0.5,1``), a text or JSONL file, or a Corpus; None lets each probe read its
+    own built-in corpus (``text`` for most, ``repeats`` for duplicate_token and induction, ``needle``
+    for retrieval, ``items`` for position_profile). ``strict``: refuse inputs longer than
+    ``max_length`` instead of truncating them.
 
     With ``out``, completed batches are checkpointed into ``out/.headmap-checkpoint`` at most
     every ``checkpoint_every_s`` seconds (0: after every batch) and when the scan is interrupted,
@@ -209,7 +328,11 @@ def scan(
     differs); the checkpoint is removed once the run is written.
     """
     started = time.time()
-    probe_objs = list(probes) if probes and isinstance(next(iter(probes)), Probe) else make_probes(probes)
+    explicit = probes is not None and not (isinstance(probes, str) and not probes.strip())
+    if explicit:
+        probe_objs = list(probes) if isinstance(next(iter(probes), None), Probe) else make_probes(probes)
+        if not probe_objs:
+            raise ProbeError("no probe given; leave probes out for the default set")
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1 (got {batch_size})")
     if not checkpoint_every_s >= 0:  # NaN too; inf: only when interrupted
@@ -224,26 +347,41 @@ def scan(
     else:
         loaded = wrap_model(model, tokenizer)
     check_supported(loaded.model)
+    if not explicit:
+        probe_objs = make_probes(default_probe_names(loaded.is_causal))
     if max_length is None:
         max_length = min(DEFAULT_MAX_LENGTH, loaded.max_length or DEFAULT_MAX_LENGTH)
     _check_length(max_length, loaded)
     _check_probes(probe_objs, loaded)
-    if isinstance(corpus, Corpus):
-        data = corpus
-    else:
+
+    def make(spec: Any) -> Corpus:
         if loaded.tokenizer is None:
             raise OptionError("pass the model's tokenizer (scan(model, tokenizer=...)) to build a corpus")
-        data = load_corpus(
-            corpus,
+        extra = {"strict": True} if strict else {}
+        return load_corpus(
+            spec,
             loaded.tokenizer,
             max_length,
             limit=limit,
             seed=seed,
             vocab_size=loaded.model.config.vocab_size,
+            **extra,
         )
-    for p in probe_objs:
-        if isinstance(p, RepeatProbe) and p.repeat_length is None:
-            p.configure(data)  # repeat length and offset from the corpus; a clear error if it has none
+
+    groups, skipped = _plan_groups(probe_objs, explicit, corpus, make)
+    probe_objs = [p for g in groups for p in g.probes]
+    for g in groups:
+        for p in g.probes:
+            if isinstance(p, RepeatProbe) and p.repeat_length is None:
+                p.configure(g.corpus)  # repeat length and offset from the corpus; a clear error if it has none
+    data = _combined(groups)
+    boundaries = {0}
+    starts = []  # (group, first input of the group in scan order)
+    offset = 0
+    for g in groups:
+        starts.append(offset)
+        boundaries.update(offset + min(k + batch_size, len(g.corpus)) for k in range(0, len(g.corpus), batch_size))
+        offset += len(g.corpus)
     model_obj = loaded.model
     dev = next(model_obj.parameters()).device
     fp = checkpoint.fingerprint(loaded, probe_objs, data, max_length, batch_size, seed, ENGINE_CONFIG.budget_bytes)
@@ -263,7 +401,7 @@ def scan(
         )
     done, prior = 0, {}
     if resume:
-        done, prior, finished = _resume_point(out_dir, fp, probe_objs, data, batch_size, overwrite)
+        done, prior, finished = _resume_point(out_dir, fp, probe_objs, data, boundaries, overwrite)
         if finished is not None:
             return finished
     resumed_from = [int(x) for x in prior.get("resumed_from", [])] + ([done] if prior else [])  # prior: a checkpoint
@@ -307,24 +445,59 @@ def scan(
         )
         on_disk = point[0]
 
-    remaining = Corpus(data.name, data.samples[done:], data.description)  # same batches as an unbroken run
+    need_hidden = any(p.needs_hidden_states for p in probe_objs)
     try:
         with _sigterm_as_interrupt(out_dir is not None):
             last_write = time.monotonic()
-            with bar, torch.no_grad(), observe(model_obj, probes=probe_objs) as session:
-                session.layers = layers  # record_layer fills the dict that checkpoints save
+            with bar, torch.no_grad():
                 note = f" (resumed at {done})" if done else ""
                 task = bar.add_task(f"{data.name} inputs{note}", total=len(data), completed=done)
-                for _, ids, mask in remaining.batches(batch_size, pad_id, left_pad=loaded.is_causal, device=dev):
-                    t0 = time.perf_counter()
-                    model_obj(input_ids=ids, attention_mask=mask)  # probes commit in the forward hook
-                    forward_time += time.perf_counter() - t0
-                    count = last[0] + ids.shape[0]
-                    last = (count, [p.state_dict() for p in probe_objs] if can_checkpoint else None)
-                    bar.advance(task, ids.shape[0])
-                    if can_checkpoint and count < len(data) and time.monotonic() - last_write >= checkpoint_every_s:
-                        save_checkpoint(last)
-                        last_write = time.monotonic()
+                for group, first in zip(groups, starts, strict=True):
+                    if done >= first + len(group.corpus):
+                        continue  # finished before an interruption
+                    bar.update(task, description=f"{group.corpus.name}: {', '.join(p.name for p in group.probes)}")
+                    with observe(model_obj, probes=group.probes, check_finite=True) as session:
+                        session.layers = layers  # record_layer fills the dict that checkpoints save
+                        skip = max(0, done - first)  # a multiple of batch_size: the batches of an unbroken run
+                        rest = Corpus(group.corpus.name, group.corpus.samples[skip:], group.corpus.description)
+                        for start, ids, mask in rest.batches(batch_size, pad_id, left_pad=loaded.is_causal, device=dev):
+                            start += skip
+                            batch = Batch(
+                                group.corpus.name,
+                                start,
+                                group.corpus.samples[start : start + ids.shape[0]],
+                                ids,
+                                mask,
+                                loaded.is_causal,
+                            )
+                            for p in group.probes:
+                                p.begin(batch)
+                            t0 = time.perf_counter()
+                            if group.generates:
+                                outputs = None
+                                for p in group.probes:
+                                    p.run(model_obj, batch, session)
+                            else:
+                                extra = {"output_hidden_states": True} if need_hidden else {}
+                                outputs = model_obj(input_ids=ids, attention_mask=mask, **extra)  # commits
+                            forward_time += time.perf_counter() - t0
+                            for p in group.probes:
+                                p.end(batch, outputs)
+                            del outputs
+                            count = last[0] + ids.shape[0]
+                            last = (count, [p.state_dict() for p in probe_objs] if can_checkpoint else None)
+                            bar.advance(task, ids.shape[0])
+                            due = time.monotonic() - last_write >= checkpoint_every_s
+                            if can_checkpoint and count < len(data) and due:
+                                save_checkpoint(last)
+                                last_write = time.monotonic()
+            for p in probe_objs:
+                if p.generates and getattr(p, "reproduced", None) == 0 and getattr(p, "instances", 0):
+                    warnings.warn(
+                        f"{p.name}: the model reproduced the needle in 0 of {p.instances} inputs, so no head is "
+                        f"scored (n = 0); try {p.name}:mode=teacher, shorter inputs or a larger model",
+                        stacklevel=2,
+                    )
 
             rows = [row for p in probe_objs for row in p.head_rows()]
             heads = pd.DataFrame(rows, columns=HEADS_SCHEMA.names) if rows else empty_frame(HEADS_SCHEMA)
@@ -348,12 +521,15 @@ def scan(
                 "device": str(dev),
                 "corpus": data.description,
                 "probes": {p.name: p.params() for p in probe_objs},
+                "probe_corpora": {p.name: g.corpus.name for g in groups for p in g.probes},
+                "skipped_probes": skipped,
                 "options": {
                     "max_length": max_length,
                     "batch_size": batch_size,
                     "seed": seed,
                     "limit": limit,
                     "checkpoint_every_s": checkpoint_every_s,
+                    "strict": strict,
                 },
                 "versions": _versions(),
                 "wall_time_s": round(wall_before + time.time() - started, 3),
@@ -363,7 +539,7 @@ def scan(
                 "resumed_from": resumed_from,
                 "fingerprint": fp,
             }
-            atlas = Atlas(heads=heads, meta=meta)
+            atlas = Atlas(heads=heads, meta=meta, tokens=_token_table(probe_objs, tok))
             if out_dir is not None:
                 # The folder was checked before the first forward; what is in it now is this run's
                 # checkpoint or the run that --overwrite / --resume replaces.

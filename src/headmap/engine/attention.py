@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .block import Block
+from ..errors import NumericalError
+from .block import Block, QKView
 from .mask import LazyMask, as_block_mask
 from .registry import context_for
 
@@ -178,6 +179,7 @@ def headmap_attention_forward(
     layer = ctx.layer if ctx is not None else getattr(module, "layer_idx", -1)
     probes = ctx.probes if ctx is not None else ()
     edits = ctx.edits_for(layer) if ctx is not None else ()
+    check_finite = ctx.check_finite if ctx is not None else False
 
     item_start = (
         masks.item_start()
@@ -202,6 +204,17 @@ def headmap_attention_forward(
     q_scale = 1.0
     if math.frexp(scaling)[0] == 0.5:
         q_scale, scaling = scaling, 1.0
+
+    qk_probes = [p for p in probes if getattr(p, "reads_qk", False)]
+    if qk_probes:
+        q_all = torch.arange(q_len, device=query.device) + masks.q_offset
+        k_all = torch.arange(k_len, device=query.device) + masks.kv_offset
+        key_valid = masks.key_valid()
+        if key_valid is None:
+            key_valid = torch.ones(batch, k_len, dtype=torch.bool, device=query.device)
+        view = QKView(layer, module, query, key, masks.query_valid(q_all), key_valid, q_all, k_all, item_start)
+        for probe in qk_probes:
+            probe.update_qk(view)
 
     outputs = []
     plans = _plan_cache(masks)
@@ -252,6 +265,8 @@ def headmap_attention_forward(
                 train_dropout,
             )
             _once[0] = False  # a checkpoint recompute must not count the block twice
+            if check_finite:
+                _check_finite(out, _block)
             return out
 
         if track_grad:
@@ -261,6 +276,19 @@ def headmap_attention_forward(
 
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_finite(out: torch.Tensor, block: Block) -> None:
+    """Raise NumericalError naming the first layer, head and query whose attention output is not finite."""
+    finite = torch.isfinite(out).all(dim=-1) | ~block.query_valid[:, None, :]  # [B, H, rows]
+    if bool(finite.all()):
+        return
+    b, h, r = (int(x) for x in torch.nonzero(~finite)[0])
+    pos = int(block.q_pos[r] - block.item_start[b])
+    raise NumericalError(
+        f"attention of layer {block.layer} head {h} is NaN or infinite (batch row {b}, query position {pos}); "
+        "the model overflows in this dtype or its weights hold NaN: try --dtype float32, or check the weights"
+    )
 
 
 def _attend_block(

@@ -58,6 +58,8 @@ class Block:
         # ``source(a, b)`` builds the mask of key columns [a, b) only when someone reads it.
         self._mask = mask
         self.mask_source = mask_source
+        #: Scratch space that probes of the same block share (e.g. :meth:`key_received`).
+        self.cache: dict[str, Any] = {}
 
     @property
     def plan(self) -> Any:
@@ -102,3 +104,63 @@ class Block:
     def rel_k(self) -> torch.Tensor:
         """[B, bk] long: key positions inside each input."""
         return self.k_pos[None, :] - self.item_start[:, None]
+
+    def key_received(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention each key of the block receives from the block's other real queries.
+
+        Returns ``(mass [B, H, bk] float64, count [B, bk] long)``: per head, the sum over real
+        query rows i of the block with i != j of A[i, j], and the number of such rows that can see
+        key j (visible under the mask). Computed once per block and shared by every probe that asks
+        (``received``, ``fai``, ``sinks``).
+        """
+        hit = self.cache.get("key_received")
+        if hit is not None:
+            return hit
+        probs = self.probs  # [B, H, bq, bk]; hidden entries are 0
+        qv = self.query_valid  # [B, bq]
+        weights = qv.to(probs.dtype)[:, None, :, None]
+        mass = (probs * weights).sum(dim=2, dtype=torch.float64)  # [B, H, bk]
+        # remove the diagonal (i == j): query position q_pos[r] is key column q_pos[r] - k_pos[0]
+        col = self.q_pos - self.k_pos[0]
+        on = (col >= 0) & (col < probs.shape[-1])
+        rows = torch.nonzero(on).squeeze(-1)
+        if rows.numel():
+            cols = col[rows]
+            diag = probs[:, :, rows, cols].to(torch.float64) * qv[:, rows].to(torch.float64)[:, None, :]
+            mass[:, :, cols] -= diag
+        seen = self.visible()[:, 0] & qv[:, :, None]  # [B, bq, bk]
+        count = seen.sum(dim=1)  # [B, bk]
+        if rows.numel():
+            count[:, cols] -= seen[:, rows, cols].to(count.dtype)
+        self.cache["key_received"] = (mass, count)
+        return mass, count
+
+
+class QKView:
+    """Queries and keys of one attention call (after RoPE), for probes that read them.
+
+    Probes with ``reads_qk = True`` get ``update_qk(view)`` once per attention call, before the
+    blocks. ``query`` [B, H, Tq, D] and ``key`` [B, Hkv, Tk, D] are the model's tensors (do not
+    change them); ``query_valid`` [B, Tq] and ``key_valid`` [B, Tk] flag real tokens;
+    ``q_pos`` [Tq] and ``k_pos`` [Tk] are absolute positions and ``item_start`` [B] the position
+    of each input's first real token.
+    """
+
+    def __init__(self, layer, module, query, key, query_valid, key_valid, q_pos, k_pos, item_start) -> None:
+        self.layer = layer
+        self.module = module
+        self.query = query
+        self.key = key
+        self.query_valid = query_valid
+        self.key_valid = key_valid
+        self.q_pos = q_pos
+        self.k_pos = k_pos
+        self.item_start = item_start
+
+    @property
+    def num_heads(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key.shape[1]

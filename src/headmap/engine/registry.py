@@ -54,6 +54,7 @@ class CallContext:
     layer: int
     probes: tuple
     edits: tuple
+    check_finite: bool = False
 
     def edits_for(self, layer: int) -> tuple:
         return tuple(e for e in self.edits if e.applies_to_layer(layer))
@@ -69,4 +70,5 @@ def context_for(module: nn.Module, heads: int, kv_heads: int) -> CallContext | N
         s.record_layer(layer, heads, kv_heads)
     probes = tuple(p for s in owners for p in s.probes)
     edits = tuple(e for s in owners for e in s.edits)
-    return CallContext(layer=layer, probes=probes, edits=edits)
+    check = any(getattr(s, "check_finite", False) for s in owners)
+    return CallContext(layer=layer, probes=probes, edits=edits, check_finite=check)

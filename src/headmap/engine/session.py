@@ -105,6 +105,7 @@ class Session:
         probes: Sequence = (),
         edits: Sequence = (),
         commit: Literal["forward", "manual"] = "forward",
+        check_finite: bool = False,
     ) -> None:
         if commit not in ("forward", "manual"):
             raise ValueError("commit must be 'forward' or 'manual'")
@@ -112,6 +113,8 @@ class Session:
         self.probes = tuple(probes)
         self.edits = tuple(edits)
         self.commit_mode = commit
+        #: raise NumericalError (naming layer and head) when an attention output is NaN or inf
+        self.check_finite = check_finite
         self.layers: dict[int, tuple[int, int]] = {}
         self._module_ids: set[int] = set()
         self._previous: str | None = None
@@ -159,6 +162,11 @@ def observe(
     probes: Iterable = (),
     edits: Iterable = (),
     commit: Literal["forward", "manual"] = "forward",
+    check_finite: bool = False,
 ) -> Session:
-    """Run ``model`` under the headmap engine with ``probes`` (and ``edits``) inside a ``with`` block."""
-    return Session(model, probes=tuple(probes), edits=tuple(edits), commit=commit)
+    """Run ``model`` under the headmap engine with ``probes`` (and ``edits``) inside a ``with`` block.
+
+    ``check_finite=True`` raises :class:`~headmap.errors.NumericalError` naming the layer and head
+    as soon as an attention output holds NaN or inf (scans set it: no silent NaN in a table).
+    """
+    return Session(model, probes=tuple(probes), edits=tuple(edits), commit=commit, check_finite=check_finite)

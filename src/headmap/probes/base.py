@@ -23,15 +23,88 @@ import torch
 from ..engine.block import Block
 
 
+@dataclass
+class Batch:
+    """What a scan tells probes about the inputs of the next forward call (see :meth:`Probe.begin`).
+
+    ``samples[b]`` is the corpus sample in batch row ``b`` (``.ids`` without padding, ``.info``
+    with what a built-in corpus recorded: repeat length, needle span, item spans, named spans);
+    ``first`` is the corpus index of row 0, so row ``b`` is input ``first + b`` of corpus
+    ``corpus``. Positions inside an input (``Block.rel_q()``) index ``samples[b].ids``.
+    """
+
+    corpus: str
+    first: int
+    samples: list[Any]
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    left_pad: bool = True
+
+    def index(self, row: int) -> int:
+        """Corpus index of batch row ``row``."""
+        return self.first + row
+
+
 class Probe:
-    """Base probe. Subclasses set ``name`` and implement ``update``."""
+    """Base probe. Subclasses set ``name`` and implement ``update``.
+
+    Hooks a scan calls, in order, for every batch: ``begin(batch)``, then the forward pass (the
+    engine calls ``update(block)`` for every block of every layer, and ``update_qk(view)`` once per
+    layer for probes with ``reads_qk``), then ``commit()`` (closes the inputs), then
+    ``end(batch, outputs)`` with the model's outputs (holding ``hidden_states`` when
+    ``needs_hidden_states``).
+    """
 
     name: ClassVar[str] = ""
     #: True when the probe's definition needs a causal (decoder) model.
     causal_only: ClassVar[bool] = False
+    #: What the probe's inputs must carry: None (any text), "repeats", "needle", "items" or "spans".
+    requires: ClassVar[str | None] = None
+    #: Built-in corpus the probe runs on when the user names none (None: the scan's default, ``text``).
+    default_corpus: ClassVar[str | None] = None
+    #: Part of the default probe set (``headmap scan`` without ``--probes``).
+    default: ClassVar[bool] = True
+    #: The probe drives its own forward passes (generation): ``run(model, batch, session)``.
+    generates: ClassVar[bool] = False
+    #: ``end`` needs ``outputs.hidden_states``.
+    needs_hidden_states: ClassVar[bool] = False
+    #: ``update_qk(view)`` is called once per attention call with the queries and keys.
+    reads_qk: ClassVar[bool] = False
 
     def update(self, block: Block) -> None:
         raise NotImplementedError
+
+    def begin(self, batch: Batch) -> None:
+        """Called by a scan before the forward pass of ``batch``."""
+
+    def end(self, batch: Batch, outputs: Any) -> None:
+        """Called by a scan after the forward pass of ``batch`` (after ``commit``)."""
+
+    def applies_to(self, samples: Any) -> str | None:
+        """None when the probe can read these inputs; else why not (one sentence, for the user).
+
+        The default checks ``requires`` against the first sample's ``info``.
+        """
+        key = {"repeats": "repeat_length", "needle": "needle_span", "items": "items", "spans": "spans"}.get(
+            self.requires or ""
+        )
+        if key is None:
+            return None
+        items = list(getattr(samples, "samples", samples))
+        if not items or key not in (items[0].info or {}):
+            hint = {
+                "repeats": "inputs made of a random sequence repeated twice (--corpus repeats)",
+                "needle": "needle-in-a-haystack inputs (--corpus needle)",
+                "items": "inputs made of several items (--corpus items)",
+                "spans": "inputs with named spans (a JSONL corpus with spans)",
+            }[self.requires]
+            return f"{self.name} needs {hint}"
+        return None
+
+    def token_frame(self) -> Any:
+        """Rows of ``tokens.parquet`` as a pandas DataFrame with columns
+        ``sample, position, token_id, metric, layer, value`` (the scan adds ``token``); None if none."""
+        return None
 
     def commit(self) -> None:
         """Close the inputs seen since the last commit (called after each forward by default)."""

@@ -55,6 +55,8 @@ class RepeatProbe(HeadMeanProbe):
 
     min_repeat_length = 1
     skip = 0
+    requires = "repeats"
+    default_corpus = "repeats"
 
     def __post_init__(self) -> None:
         self._check(self.repeat_length, self.offset)
