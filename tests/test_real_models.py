@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import headmap
+from headmap.probes.retrieval import RetrievalProbe
 from headmap.models import BUILTIN_MODELS, load_model, package_path
 from headmap.probes import SinkProbe
 
@@ -114,3 +115,25 @@ def test_minilm_outputs_equal_eager(minilm):
         real = torch.nonzero(valid[b]).flatten()
         expected.append([a[b][:, real[1:], real[0]].double().mean(-1).numpy() for a in eager.attentions])
     np.testing.assert_allclose(probe.values(), np.mean(expected, axis=0), atol=1e-6)
+
+
+def test_smollm2_retrieval_heads_in_generation_mode(smollm2):
+    """The paper's setting on a real model: SmolLM2 answers the built-in needle questions by copying.
+
+    Measured at 256 tokens, depths 0 / 0.5 / 1: every needle reproduced, the top retrieval head
+    (layer 18, head 6 on this build) copies 0.9-1.0 of the needle, most heads copy nothing.
+    """
+    probe = RetrievalProbe()
+    atlas = headmap.scan(
+        smollm2.model,
+        tokenizer=smollm2.tokenizer,
+        probes=[probe],
+        corpus="needle:depths=0,0.5,1",
+        max_length=256,
+        batch_size=3,
+        progress=False,
+    )
+    assert probe.reproduced >= 2, f"SmolLM2 reproduced {probe.reproduced} of {probe.instances} needles"
+    top = atlas.top("retrieval", k=1).iloc[0]
+    assert top.value > 0.6, atlas.top("retrieval", k=5)
+    assert (atlas.heads.value < 0.05).mean() > 0.8  # retrieval heads are sparse
