@@ -322,7 +322,13 @@ def test_items_options_and_seed(llama):
 
 def test_items_do_not_fit(llama):
     with pytest.raises(CorpusError, match=r"needs more than 481 tokens .* --max-length is 256"):
-        load_corpus("items", llama, 256)
+        load_corpus("items:item_tokens=48", llama, 256)
+    # by default the documents shrink until k of them fit, down to 4 tokens each
+    fitted = load_corpus("items", llama, 256)
+    assert fitted.description["options"]["k"] == 10 and fitted.description["options"]["item_tokens"] < 48
+    assert max(len(s.ids) for s in fitted.samples) <= 256
+    with pytest.raises(CorpusError, match=r"--max-length is 40"):
+        load_corpus("items", llama, 40)
     with pytest.raises(CorpusError) as err:
         load_corpus("items:k=4:item_tokens=20", llama, 90)
     need = int(re.search(r"needs (\d+) tokens", str(err.value)).group(1))

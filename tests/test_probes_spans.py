@@ -491,7 +491,7 @@ def test_params_and_flags():
         "items",
         "items",
         True,
-        False,
+        True,
     )
     assert PositionProfileProbe().params() == {}
     assert metric_names(2) == ["item_0", "item_1"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import headmap
-from headmap.probes.retrieval import RetrievalProbe
 from headmap.models import BUILTIN_MODELS, load_model, package_path
 from headmap.probes import SinkProbe
+from headmap.probes.retrieval import RetrievalProbe
 
 PROSE = [
     "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",

@@ -145,13 +145,26 @@ def test_killed_process_resumes_to_identical_tables(monkeypatch, capsys, tiny_ll
     words = "one two three four five six seven eight nine ten eleven twelve".split()
     corpus = tmp_path / "big.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(2, 40))) for _ in range(64)))
-    args = ["scan", str(tiny_llama_dir), "--corpus", str(corpus), "--probes", "sink,entropy,prev_token",
-            "--batch-size", "4", "--no-progress"]
+    args = [
+        "scan",
+        str(tiny_llama_dir),
+        "--corpus",
+        str(corpus),
+        "--probes",
+        "sink,entropy,prev_token",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     exe = Path(sys.executable).with_name("headmap")
-    proc = subprocess.Popen([str(exe), *args, "--out", str(out), "--checkpoint-every", "0"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(exe), *args, "--out", str(out), "--checkpoint-every", "0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     state = out / CKPT / checkpoint.STATE_FILE
     try:
         deadline = time.monotonic() + 120
@@ -178,8 +191,19 @@ def test_killed_process_resumes_to_identical_tables(monkeypatch, capsys, tiny_ll
 def interrupted(tiny_llama_dir, tmp_path, monkeypatch, capsys, ragged_corpus):
     """A run folder holding the checkpoint of 4 of 12 inputs (Ctrl-C in the CLI), and the arguments that made it."""
     out = tmp_path / "run"
-    args = ["scan", str(tiny_llama_dir), "--corpus", str(ragged_corpus), "--probes", "sink,entropy",
-            "--batch-size", "2", "--out", str(out), "--no-progress"]
+    args = [
+        "scan",
+        str(tiny_llama_dir),
+        "--corpus",
+        str(ragged_corpus),
+        "--probes",
+        "sink,entropy",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     with monkeypatch.context() as m:
         Interrupt(m, LlamaForCausalLM, "forward", at=3)
         code, _, err = run(monkeypatch, capsys, *args, "--checkpoint-every", "0")
@@ -360,8 +384,14 @@ def test_probe_without_state_makes_the_scan_unresumable(tiny_llama_dir, ragged_c
     with pytest.warns(UserWarning, match="counter cannot save their state"), monkeypatch.context() as m:
         Interrupt(m, LlamaForCausalLM, "forward", at=3)
         with pytest.raises(ScanInterrupted) as info:
-            headmap.scan(str(tiny_llama_dir), probes=[Counter()], corpus=ragged_corpus, out=out, checkpoint_every_s=0,
-                         progress=False)
+            headmap.scan(
+                str(tiny_llama_dir),
+                probes=[Counter()],
+                corpus=ragged_corpus,
+                out=out,
+                checkpoint_every_s=0,
+                progress=False,
+            )
     assert info.value.folder is None and "nothing was written" in str(info.value)
     assert not (out / CKPT).exists()
     with pytest.raises(OptionError, match="counter"):

@@ -12,6 +12,7 @@ bit for bit, to those of a scan that never stopped.
 
 from __future__ import annotations
 
+import inspect
 import platform
 import resource
 import signal
@@ -172,6 +173,67 @@ def _combined(groups: list[_Group]) -> Corpus:
             "tokens": sum(len(s.ids) for s in samples),
         }
     return Corpus(names if len(groups) > 1 else groups[0].corpus.name, samples, desc)
+
+
+def _layer_list(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's stack of transformer layers: the first ModuleList as long as its layer count."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = next(
+        (getattr(config, n) for n in ("num_hidden_layers", "n_layer", "num_layers") if getattr(config, n, None)), None
+    )
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    return None
+
+
+class _HiddenNorms:
+    """Records the l2 norm of every token's residual stream entering each layer, with forward pre-hooks.
+
+    What ``output_hidden_states=True`` would give for the ``sinks`` probe, without keeping L + 1
+    [B, W, d] tensors alive: one [B, W] float64 per layer. Norms are taken in float64 from the
+    tensor the layer receives, so they equal the norms of ``hidden_states[l]``.
+    """
+
+    def __init__(self, layers: torch.nn.ModuleList) -> None:
+        self.layers = layers
+        self.norms: list[torch.Tensor | None] = [None] * len(layers)
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> _HiddenNorms:
+        for i, layer in enumerate(self.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+        return self
+
+    def _hook(self, index: int):
+        def record(module, args, kwargs):
+            states = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(states, torch.Tensor) and states.ndim == 3:
+                self.norms[index] = torch.linalg.vector_norm(states.to(torch.float64), dim=-1)
+
+        return record
+
+    def take(self) -> tuple[torch.Tensor, ...] | None:
+        norms, self.norms = self.norms, [None] * len(self.layers)
+        if any(n is None for n in norms):
+            return None
+        return (*norms, norms[-1])  # L + 1 entries, as hidden_states has (the last is not read)
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+class _Outputs:
+    """The model's outputs plus ``hidden_norms`` for probes that asked for them."""
+
+    def __init__(self, outputs: Any, hidden_norms: Any) -> None:
+        self._outputs = outputs
+        self.hidden_norms = hidden_norms
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._outputs, name)
 
 
 def _token_table(probes: Sequence[Probe], tokenizer: Any) -> pd.DataFrame:
@@ -445,7 +507,13 @@ def scan(
         )
         on_disk = point[0]
 
-    need_hidden = any(p.needs_hidden_states for p in probe_objs)
+    params = inspect.signature(model_obj.forward).parameters
+    takes_positions = "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    layer_list = _layer_list(model_obj) if any(p.needs_hidden_norms for p in probe_objs) else None
+    norms = _HiddenNorms(layer_list) if layer_list is not None else None
+    need_hidden = any(p.needs_hidden_states for p in probe_objs) or (
+        norms is None and any(p.needs_hidden_norms for p in probe_objs)
+    )
     try:
         with _sigterm_as_interrupt(out_dir is not None):
             last_write = time.monotonic()
@@ -479,7 +547,16 @@ def scan(
                                     p.run(model_obj, batch, session)
                             else:
                                 extra = {"output_hidden_states": True} if need_hidden else {}
-                                outputs = model_obj(input_ids=ids, attention_mask=mask, **extra)  # commits
+                                if loaded.is_causal and takes_positions:
+                                    # left padding: count positions from each input's first real token, as
+                                    # generate() does, so an input's numbers do not depend on its batch
+                                    extra["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+                                if norms is not None and any(p.needs_hidden_norms for p in group.probes):
+                                    with norms:
+                                        outputs = model_obj(input_ids=ids, attention_mask=mask, **extra)  # commits
+                                    outputs = _Outputs(outputs, norms.take())
+                                else:
+                                    outputs = model_obj(input_ids=ids, attention_mask=mask, **extra)  # commits
                             forward_time += time.perf_counter() - t0
                             for p in group.probes:
                                 p.end(batch, outputs)

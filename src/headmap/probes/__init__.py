@@ -10,12 +10,16 @@ from ..errors import ProbeError
 from .base import HeadMeanProbe, HeadStats, Probe, supports_state
 from .duplicate_token import DuplicateTokenProbe, RepeatProbe
 from .entropy import EntropyProbe
+from .fai import FaiProbe
 from .induction import InductionProbe
+from .massive_values import MassiveValuesProbe
 from .mean_distance import MeanDistanceProbe
 from .position_profile import PositionProfileProbe
 from .prev_token import PrevTokenProbe
+from .received import ReceivedProbe
 from .retrieval import RetrievalProbe
 from .sink import SinkProbe, sink_rate
+from .sinks import SinksProbe
 from .span import SpanProbe
 from .waad import WaadProbe
 
@@ -33,6 +37,10 @@ PROBES: dict[str, type[Probe]] = {
         RetrievalProbe,
         SpanProbe,
         PositionProfileProbe,
+        ReceivedProbe,
+        FaiProbe,
+        SinksProbe,
+        MassiveValuesProbe,
     )
 }
 
@@ -127,16 +135,20 @@ __all__ = [
     "PROBES",
     "DuplicateTokenProbe",
     "EntropyProbe",
+    "FaiProbe",
     "HeadMeanProbe",
     "HeadStats",
     "InductionProbe",
+    "MassiveValuesProbe",
     "MeanDistanceProbe",
     "PositionProfileProbe",
     "PrevTokenProbe",
     "Probe",
+    "ReceivedProbe",
     "RepeatProbe",
     "RetrievalProbe",
     "SinkProbe",
+    "SinksProbe",
     "SpanProbe",
     "WaadProbe",
     "default_probe_names",

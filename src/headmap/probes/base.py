@@ -66,8 +66,12 @@ class Probe:
     default: ClassVar[bool] = True
     #: The probe drives its own forward passes (generation): ``run(model, batch, session)``.
     generates: ClassVar[bool] = False
-    #: ``end`` needs ``outputs.hidden_states``.
+    #: ``end`` needs ``outputs.hidden_states`` (the forward runs with ``output_hidden_states=True``).
     needs_hidden_states: ClassVar[bool] = False
+    #: ``end`` needs ``outputs.hidden_norms``: per layer, the l2 norm of every token's residual stream
+    #: entering that layer, [B, W] float64 (a scan records them with hooks, without keeping the states;
+    #: when it cannot find the layers it runs with ``output_hidden_states=True`` instead).
+    needs_hidden_norms: ClassVar[bool] = False
     #: ``update_qk(view)`` is called once per attention call with the queries and keys.
     reads_qk: ClassVar[bool] = False
 
