@@ -509,6 +509,7 @@ def scan(
 
     params = inspect.signature(model_obj.forward).parameters
     takes_positions = "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    takes_logits_to_keep = "logits_to_keep" in params
     layer_list = _layer_list(model_obj) if any(p.needs_hidden_norms for p in probe_objs) else None
     norms = _HiddenNorms(layer_list) if layer_list is not None else None
     need_hidden = any(p.needs_hidden_states for p in probe_objs) or (
@@ -547,6 +548,8 @@ def scan(
                                     p.run(model_obj, batch, session)
                             else:
                                 extra = {"output_hidden_states": True} if need_hidden else {}
+                                if takes_logits_to_keep:
+                                    extra["logits_to_keep"] = 1  # probes read attention, not the [B, T, V] logits
                                 if loaded.is_causal and takes_positions:
                                     # left padding: count positions from each input's first real token, as
                                     # generate() does, so an input's numbers do not depend on its batch

@@ -324,8 +324,11 @@ def _attend_block(
     if plan.segments:
         if not inplace:
             logits = logits.clone()
+        # The most negative float, not -inf: exp() gives the same 0 and probes can multiply the
+        # logits by the probabilities without 0 * inf. A row that sees nothing needs -inf (NaN -> 0).
+        hidden = -math.inf if plan.empty_rows else torch.finfo(logits.dtype).min
         for a, b in plan.segments:
-            logits[..., a:b].masked_fill_(~block.mask_columns(a, b), -math.inf)
+            logits[..., a:b].masked_fill_(~block.mask_columns(a, b), hidden)
     if sink_logits is None:
         probs = torch.softmax(logits, dim=-1)
     else:
@@ -336,9 +339,10 @@ def _attend_block(
     for edit in edits:
         probs = edit.edit_probs(block, probs)
     block.probs = probs
+    block.logits = logits
     for probe in probes:
         probe.update(block)
-    block.probs = None
+    block.probs = block.logits = None
     if train_dropout:
         probs = F.dropout(probs, p=train_dropout, training=True)
     pv = probs.to(vb.dtype).view(batch, kv_heads, group * rows, keys)

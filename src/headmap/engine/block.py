@@ -53,6 +53,9 @@ class Block:
         self.query_valid = query_valid
         self.item_start = item_start
         self.probs = probs
+        #: [B, H, bq, bk] float32 logits after edits and the mask (hidden entries: a huge negative
+        #: number, or -inf when some row sees no key), set with ``probs``; do not change them
+        self.logits: torch.Tensor | None = None
         self.is_causal = is_causal
         # Either a mask given outright, or (plan, source) from the engine, where
         # ``source(a, b)`` builds the mask of key columns [a, b) only when someone reads it.
@@ -105,21 +108,47 @@ class Block:
         """[B, bk] long: key positions inside each input."""
         return self.k_pos[None, :] - self.item_start[:, None]
 
+    def hidden_segments(self) -> tuple[tuple[int, int], ...] | None:
+        """Column ranges (relative to ``k_start``) that hold hidden entries; None when unknown."""
+        if self._mask is not None or self.mask_source is None:
+            return None
+        return tuple(self.mask_source[0].segments)
+
+    def row_counts(self) -> torch.Tensor:
+        """[B, bq] long: |K(i)|, the number of keys each query row sees (cached per block).
+
+        Only the columns that hold hidden entries are looked at (the rest are visible to every row).
+        """
+        hit = self.cache.get("row_counts")
+        if hit is not None:
+            return hit
+        batch, rows, keys = self.query_valid.shape[0], self.q_end - self.q_start, self.k_end - self.k_start
+        segments = self.hidden_segments()
+        if segments is None:
+            counts = self.visible()[:, 0].sum(dim=-1)
+        else:
+            counts = torch.full((batch, rows), keys, dtype=torch.long, device=self.q_pos.device)
+            for a, b in segments:
+                counts -= (~self.mask_columns(a, b)[:, 0]).sum(dim=-1)
+        self.cache["row_counts"] = counts
+        return counts
+
     def key_received(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention each key of the block receives from the block's other real queries.
 
         Returns ``(mass [B, H, bk] float64, count [B, bk] long)``: per head, the sum over real
         query rows i of the block with i != j of A[i, j], and the number of such rows that can see
         key j (visible under the mask). Computed once per block and shared by every probe that asks
-        (``received``, ``fai``, ``sinks``).
+        (``received``, ``fai``, ``sinks``). The sum over rows is one matrix-vector product per head
+        in float32 (a block holds few rows), accumulated across blocks in float64 by the probes.
         """
         hit = self.cache.get("key_received")
         if hit is not None:
             return hit
         probs = self.probs  # [B, H, bq, bk]; hidden entries are 0
         qv = self.query_valid  # [B, bq]
-        weights = qv.to(probs.dtype)[:, None, :, None]
-        mass = (probs * weights).sum(dim=2, dtype=torch.float64)  # [B, H, bk]
+        weights = qv.to(probs.dtype)[:, None, None, :]  # [B, 1, 1, bq]
+        mass = torch.matmul(weights, probs).squeeze(-2).to(torch.float64)  # [B, H, bk]
         # remove the diagonal (i == j): query position q_pos[r] is key column q_pos[r] - k_pos[0]
         col = self.q_pos - self.k_pos[0]
         on = (col >= 0) & (col < probs.shape[-1])
@@ -128,10 +157,26 @@ class Block:
             cols = col[rows]
             diag = probs[:, :, rows, cols].to(torch.float64) * qv[:, rows].to(torch.float64)[:, None, :]
             mass[:, :, cols] -= diag
-        seen = self.visible()[:, 0] & qv[:, :, None]  # [B, bq, bk]
-        count = seen.sum(dim=1)  # [B, bk]
-        if rows.numel():
-            count[:, cols] -= seen[:, rows, cols].to(count.dtype)
+        segments = self.hidden_segments()
+        if segments is None:
+            seen = self.visible()[:, 0] & qv[:, :, None]  # [B, bq, bk]
+            count = seen.sum(dim=1)  # [B, bk]
+            if rows.numel():
+                count[:, cols] -= seen[:, rows, cols].to(count.dtype)
+        else:
+            batch, keys = qv.shape[0], probs.shape[-1]
+            count = qv.sum(dim=1, keepdim=True).expand(batch, keys).clone()  # visible to every real row
+            for a, b in segments:
+                count[:, a:b] = (self.mask_columns(a, b)[:, 0] & qv[:, :, None]).sum(dim=1)
+            if rows.numel():  # the diagonal entry of a real row is visible (a token sees itself)
+                diag_seen = torch.ones_like(qv[:, rows])
+                for a, b in segments:
+                    inside = (cols >= a) & (cols < b)
+                    if bool(inside.any()):
+                        r_in, c_in = rows[inside], cols[inside]
+                        picked = self.mask_columns(a, b)[:, 0][:, r_in, c_in - a]
+                        diag_seen[:, inside] = picked
+                count[:, cols] -= (diag_seen & qv[:, rows]).to(count.dtype)
         self.cache["key_received"] = (mass, count)
         return mass, count
 

@@ -32,12 +32,21 @@ class EntropyProbe(HeadMeanProbe):
 
     def row_values(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         probs = block.probs  # [B, H, bq, bk]
-        batch, _, rows, keys = probs.shape
-        if block.mask is None:
-            seen = torch.full((batch, rows), keys, dtype=torch.long, device=probs.device)
+        seen = block.row_counts()  # [B, bq]: |K(i)|
+        logits = block.logits
+        if logits is None or block.plan is None or block.plan.empty_rows:  # -inf logits: use entr
+            ent = torch.special.entr(probs).sum(dim=-1)  # [B, H, bq], entr(0) = 0
         else:
-            seen = block.mask[:, 0].sum(dim=-1)  # [B, bq]: |K(i)|
-        ent = torch.special.entr(probs).sum(dim=-1)  # [B, H, bq], entr(0) = 0
+            # From the logits, without a log per entry: with m the row's largest logit, the
+            # largest probability is exp(m - lse), so log A[i, j] = l_j - m + log max_j A[i, j] and
+            #   H = sum_j A (m - l_j) - (sum_j A) log max_j A.
+            # Hidden entries hold a huge negative logit and probability 0: they add 0.
+            top = logits.amax(dim=-1)  # [B, H, bq]
+            dot = torch.einsum("bhqk,bhqk->bhq", probs, logits)  # sum_j A l_j
+            mass = probs.sum(dim=-1).to(torch.float64)
+            peak = probs.amax(dim=-1).to(torch.float64)
+            ent = top.to(torch.float64) * mass - dot.to(torch.float64) - mass * torch.log(peak)
+            ent = torch.where(peak > 0, ent, 0.0)  # rows that see nothing (not counted)
         norm = torch.log(seen.clamp(min=2).to(torch.float64))  # log |K(i)|, >= log 2 > 0
         values = ent.to(torch.float64) / norm[:, None, :]
         counted = block.query_valid & (seen > 1)

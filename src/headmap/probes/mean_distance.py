@@ -32,6 +32,15 @@ class MeanDistanceProbe(HeadMeanProbe):
     def row_values(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         probs = block.probs  # [B, H, bq, bk]; hidden entries are 0, so padding adds nothing
         # Query and key of one input share its left padding, so absolute positions give |i - j|.
+        if block.is_causal:
+            # Every visible key is at or before its query: sum_j A (i - j) = (i - q0) sum_j A - sum_j A (j - q0),
+            # one matrix-vector product per head instead of a pass over a distance matrix.
+            q0 = block.q_pos[0]
+            offsets = (block.k_pos - q0).to(probs.dtype)  # [bk]
+            dot = torch.matmul(probs, offsets).to(torch.float64)  # [B, H, bq]
+            mass = probs.sum(dim=-1).to(torch.float64)
+            values = (block.q_pos - q0).to(torch.float64) * mass - dot
+            return values, block.query_valid
         dist = (block.q_pos[:, None] - block.k_pos[None, :]).abs().to(probs.dtype)  # [bq, bk]
-        values = (probs * dist).sum(dim=-1, dtype=torch.float64)  # [B, H, bq]
+        values = torch.einsum("bhqk,qk->bhq", probs, dist).to(torch.float64)  # [B, H, bq]
         return values, block.query_valid

@@ -25,6 +25,7 @@ See docs/methods/retrieval.md.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +105,7 @@ class RetrievalProbe(HeadMeanProbe):
             ids, mask = ids.to(device), mask.to(device)
             # query at position width - 1 - (len(a) - t) predicts answer token t of row b
             self._want = (width - 1 - steps, width - 1)
-            model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
+            model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), **_last_logits(model))
             emitted = torch.tensor([[0] * (steps - len(a)) + a for a in answers])  # right-aligned
             start = [width - len(r) for r in rows]
             query_pos = [list(range(width - 1 - len(a), width - 1)) for a in answers]
@@ -114,7 +115,9 @@ class RetrievalProbe(HeadMeanProbe):
             width = ids.shape[1]
             generated = []
             self._want = (width - 1, width)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, **_last_logits(model)
+            )
             for t in range(steps):
                 token = out.logits[:, -1].argmax(dim=-1)
                 generated.append(token)
@@ -176,3 +179,8 @@ class RetrievalProbe(HeadMeanProbe):
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token (left padding)."""
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _last_logits(model: torch.nn.Module) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model takes it: only the last position's logits are read."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}

@@ -47,6 +47,15 @@ class WaadProbe(HeadMeanProbe):
 
     def row_values(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         probs = block.probs  # [B, H, bq, bk]; hidden entries are 0
-        dist = (block.q_pos[:, None] - block.k_pos[None, :]).abs().clamp(max=self.window).to(probs.dtype)
-        values = (probs * dist).sum(dim=-1, dtype=torch.float64)  # [B, H, bq]
+        w = self.window
+        # sum_j A min(|i - j|, W) = W sum_j A - sum_{|i - j| < W} A (W - |i - j|): only the band of
+        # keys closer than W to each query is read (2W - 1 of them, W for a causal model).
+        lags = torch.arange(0 if block.is_causal else -(w - 1), w, device=probs.device)  # i - j
+        cols = block.q_pos[:, None] - lags[None, :] - block.k_pos[0]  # [bq, band]: block columns
+        inside = (cols >= 0) & (cols < probs.shape[-1])
+        index = cols.clamp(0, probs.shape[-1] - 1).expand(*probs.shape[:2], *cols.shape)
+        band = probs.gather(-1, index) * inside  # [B, H, bq, band]
+        weight = (w - lags.abs()).to(probs.dtype)  # [band]
+        near = torch.matmul(band, weight).to(torch.float64)
+        values = w * probs.sum(dim=-1).to(torch.float64) - near  # [B, H, bq]
         return values, block.query_valid
