@@ -118,3 +118,18 @@ def test_cli_lists_skipped_probes_and_exits_2_on_unreadable_corpus(tiny_llama_di
     )
     assert result.exit_code == 0, result.output
     assert "skipped induction" in result.output
+
+
+def test_strict_refuses_an_over_long_line_and_writes_nothing(tiny_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("short line\n" + "word " * 40 + "\n")
+    out = tmp_path / "run"
+    args = ["scan", str(tiny_llama_dir), "--probes", "sink", "--corpus", str(corpus), "--max-length", "16"]
+    result = CliRunner().invoke(app, [*args, "--strict", "--out", str(out)])
+    assert result.exit_code != 0 and "line 2" in str(result.exception) and "--strict" in str(result.exception)
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.warns(UserWarning, match="truncated"):
+        atlas = headmap.scan(str(tiny_llama_dir), probes="sink", corpus=corpus, max_length=16, progress=False)
+    assert atlas.meta["corpus"]["truncated"] == 1
