@@ -79,7 +79,16 @@ def weights_signature(model: torch.nn.Module, samples: int = 64) -> str:
 
 
 def corpus_signature(samples: Sequence[Any]) -> str:
-    """sha256 over the token ids of every input, in order."""
+    """sha256 over the token ids of every input, in order (precomputed by streamed file corpora)."""
+    known = getattr(samples, "signature", None)
+    if known is not None:
+        return known
+    parts = getattr(samples, "parts", None)
+    if parts is not None and all(getattr(p, "signature", None) for p in parts):
+        digest = hashlib.sha256()
+        for p in parts:
+            digest.update(p.signature.encode())
+        return digest.hexdigest()
     digest = hashlib.sha256()
     for sample in samples:
         ids = np.asarray(sample.ids, dtype=np.int64)
@@ -143,7 +152,7 @@ def fingerprint(
             "name": desc.get("name", corpus.name),
             "kind": desc.get("kind"),
             "inputs": len(corpus.samples),
-            "tokens": sum(len(s.ids) for s in corpus.samples),
+            "tokens": desc.get("tokens", sum(len(s.ids) for s in corpus.samples)),
             "sha256": corpus_signature(corpus.samples),
         },
         "options": {"max_length": max_length, "batch_size": batch_size, "seed": seed},

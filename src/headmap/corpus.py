@@ -17,16 +17,20 @@ each corpus, its options and what every sample records in ``info``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import re
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import CorpusError
@@ -80,7 +84,7 @@ class Corpus:
     def batches(self, batch_size: int, pad_id: int, left_pad: bool, device: torch.device):
         """Yield (first index, input_ids, attention_mask) batches, padded to the longest input."""
         for start in range(0, len(self.samples), batch_size):
-            chunk = self.samples[start : start + batch_size]
+            chunk = list(self.samples[start : start + batch_size])  # a streamed file reads its lines here
             width = max(len(s.ids) for s in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -90,6 +94,130 @@ class Corpus:
                 ids[row, cols] = torch.tensor(sample.ids, dtype=torch.long)
                 mask[row, cols] = 1
             yield start, ids.to(device), mask.to(device)
+
+
+class FileSamples(Sequence):
+    """The inputs of a plain text file, tokenised when they are read: memory does not grow with the file.
+
+    Built by one streaming pass over the file (``scan_text_file``) that checks every line (UTF-8,
+    length under ``strict``), hashes its token ids and keeps only each line's byte offset, line
+    number and token count. Reading an input seeks to its line and tokenises it again; a file that
+    changed in between raises CorpusError. Slicing gives a view; ``signature`` is the sha256 of
+    every input's token ids, as ``headmap.checkpoint.corpus_signature`` computes it.
+    """
+
+    def __init__(self, path: Path, tokenizer: Any, max_length: int, offsets, numbers, lengths, signature, stamp):
+        self.path, self.tokenizer, self.max_length = path, tokenizer, max_length
+        self.offsets, self.numbers, self.lengths = offsets, numbers, lengths
+        self.signature, self._stamp = signature, stamp
+        self.truncated = 0
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _view(self, index: slice) -> FileSamples:
+        return FileSamples(
+            self.path,
+            self.tokenizer,
+            self.max_length,
+            self.offsets[index],
+            self.numbers[index],
+            self.lengths[index],
+            None,
+            self._stamp,
+        )
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._view(index)
+        offset = self.offsets[index]
+        if _stamp(self.path) != self._stamp:
+            raise CorpusError(f"corpus file {self.path} changed while it was being read; run the scan again")
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            text = fh.readline().decode("utf-8").strip()
+        ids = _encode(self.tokenizer, text)[: self.max_length]
+        return Sample(ids, {"line": int(self.numbers[index])})
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def total_tokens(self) -> int:
+        return int(sum(self.lengths))
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CorpusError(
+            f"corpus file {path} does not exist; pass a UTF-8 text file (one input per line) "
+            f"or a built-in corpus: {', '.join(BUILTIN_CORPORA)}"
+        )
+    if path.is_dir():
+        raise CorpusError(f"corpus {path} is a folder; pass a UTF-8 text file with one input per line")
+
+
+def scan_text_file(
+    path: Path, tokenizer: Any, max_length: int, limit: int | None, strict: bool
+) -> tuple[FileSamples, int]:
+    """One pass over a text file (one input per non-blank line); returns the lazy inputs and how many are cut."""
+    _check_file(path)
+    offsets: list[int] = []
+    numbers: list[int] = []
+    lengths: list[int] = []
+    digest = hashlib.sha256()
+    cut = 0
+    stamp = _stamp(path)
+    with open(path, "rb") as fh:
+        position = 0
+        for number, raw in enumerate(fh, start=1):
+            start, position = position, position + len(raw)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CorpusError(
+                    f"corpus file {path} is not UTF-8 (bad byte at offset {start + exc.start}); convert it, "
+                    f"e.g. `iconv -f latin1 -t utf-8 {path} > fixed.txt`"
+                ) from exc
+            if number == 1:
+                text = text.lstrip("\ufeff")
+            text = text.strip()
+            if not text:
+                continue
+            ids = _encode(tokenizer, text)
+            if not ids:
+                continue
+            if len(ids) > max_length:
+                if strict:
+                    raise _too_long(path, number, len(ids), max_length)
+                cut += 1
+                ids = ids[:max_length]
+            arr = np.asarray(ids, dtype=np.int64)
+            digest.update(np.int64(len(arr)).tobytes())
+            digest.update(arr.tobytes())
+            offsets.append(start + (3 if number == 1 and raw.startswith(b"\xef\xbb\xbf") else 0))
+            numbers.append(number)
+            lengths.append(len(ids))
+            if limit and len(offsets) >= limit:
+                break
+    if not offsets:
+        raise CorpusError(f"corpus file {path} is empty (no non-blank line); put one input per line")
+    samples = FileSamples(
+        path,
+        tokenizer,
+        max_length,
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(numbers, dtype=np.int64),
+        np.asarray(lengths, dtype=np.int64),
+        digest.hexdigest(),
+        stamp,
+    )
+    return samples, cut
 
 
 def shipped_text() -> list[str]:
@@ -680,6 +808,13 @@ def _jsonl_sample(toks: _Tokens, path: Path, line: int, raw: str, max_length: in
 
 
 def _file(path: Path, tokenizer: Any, max_length: int, limit: int | None, strict: bool) -> tuple[list[Sample], str]:
+    _check_file(path)
+    with open(path, "rb") as fh:
+        head = fh.read(65536).lstrip(b"\xef\xbb\xbf").lstrip()
+    if path.suffix.lower() != ".jsonl" and not head.startswith(b"{"):
+        samples, cut = scan_text_file(path, tokenizer, max_length, limit, strict)
+        samples.truncated = cut
+        return samples, "text"
     lines = _numbered_lines(path)
     if limit:
         lines = lines[:limit]
@@ -759,14 +894,25 @@ def load_corpus(
             )
         samples, fmt = _file(path, tokenizer, max_length, limit, strict)
         desc = {"name": path.name, "kind": "file", "path": str(path.resolve()), "format": fmt, "strict": strict}
-    samples = [s for s in samples if len(s.ids) >= 1]
-    if not samples:
-        raise CorpusError(f"corpus '{spec}' produced no input with at least one token")
-    truncated = _truncate(samples, max_length, spec)
+    if isinstance(samples, FileSamples):  # streamed: checked, cut and counted in one pass already
+        truncated = samples.truncated
+        if truncated:
+            warnings.warn(
+                f"{truncated} input(s) of corpus '{spec}' were longer than --max-length {max_length} tokens and "
+                "were truncated",
+                stacklevel=2,
+            )
+        tokens = samples.total_tokens()
+    else:
+        samples = [s for s in samples if len(s.ids) >= 1]
+        if not samples:
+            raise CorpusError(f"corpus '{spec}' produced no input with at least one token")
+        truncated = _truncate(samples, max_length, spec)
+        tokens = sum(len(s.ids) for s in samples)
     desc.update(
         {
             "inputs": len(samples),
-            "tokens": sum(len(s.ids) for s in samples),
+            "tokens": tokens,
             "max_length": max_length,
             "truncated": truncated,
         }

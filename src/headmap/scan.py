@@ -158,9 +158,32 @@ def _plan_groups(
     return groups, skipped
 
 
+class _Chain(Sequence):
+    """The inputs of several corpora in scan order, without copying (a streamed file stays streamed)."""
+
+    def __init__(self, parts: list[Sequence]) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, index: int) -> Any:
+        for part in self.parts:
+            if index < len(part):
+                return part[index]
+            index -= len(part)
+        raise IndexError(index)
+
+    def __iter__(self) -> Iterator[Any]:
+        for part in self.parts:
+            yield from part
+
+
 def _combined(groups: list[_Group]) -> Corpus:
     """All inputs of all groups in scan order (for the fingerprint and the progress count)."""
-    samples = [s for g in groups for s in g.corpus.samples]
+    if len(groups) == 1:
+        return groups[0].corpus
+    samples = _Chain([g.corpus.samples for g in groups])
     names = "+".join(f"{g.corpus.name}[{','.join(p.name for p in g.probes)}]" for g in groups)
     if len(groups) == 1:
         desc = dict(groups[0].corpus.description)
@@ -170,7 +193,7 @@ def _combined(groups: list[_Group]) -> Corpus:
             "kind": "groups",
             "groups": [{"probes": [p.name for p in g.probes], **g.corpus.description} for g in groups],
             "inputs": len(samples),
-            "tokens": sum(len(s.ids) for s in samples),
+            "tokens": sum(g.corpus.description.get("tokens", 0) for g in groups),
         }
     return Corpus(names if len(groups) > 1 else groups[0].corpus.name, samples, desc)
 
@@ -534,7 +557,7 @@ def scan(
                             batch = Batch(
                                 group.corpus.name,
                                 start,
-                                group.corpus.samples[start : start + ids.shape[0]],
+                                list(group.corpus.samples[start : start + ids.shape[0]]),
                                 ids,
                                 mask,
                                 loaded.is_causal,
