@@ -419,6 +419,12 @@ def _truncate(samples: list[Sample], max_length: int, name: str) -> int:
 # -- text and repeats ------------------------------------------------------------------------------
 
 
+def _encode_cut(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    """At most ``max_length`` tokens, the tokenizer's closing special tokens kept (an encoder's [SEP])."""
+    ids = list(tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"])
+    return ids[:max_length]
+
+
 def _packed_text(tokenizer: Any, max_length: int, limit: int) -> list[Sample]:
     """Consecutive paragraphs joined until an input holds ``max_length`` tokens."""
     samples: list[Sample] = []
@@ -431,12 +437,12 @@ def _packed_text(tokenizer: Any, max_length: int, limit: int) -> list[Sample]:
         current.append(para)
         ids = _encode(tokenizer, " ".join(current))
         if len(ids) >= max_length:
-            samples.append(Sample(ids[:max_length], {"paragraphs": [first, i]}))
+            samples.append(Sample(_encode_cut(tokenizer, " ".join(current), max_length), {"paragraphs": [first, i]}))
             current = []
             if len(samples) >= limit:
                 break
     if current and len(samples) < limit:
-        samples.append(Sample(_encode(tokenizer, " ".join(current))[:max_length], {"paragraphs": [first, i]}))
+        samples.append(Sample(_encode_cut(tokenizer, " ".join(current), max_length), {"paragraphs": [first, i]}))
     return samples
 
 

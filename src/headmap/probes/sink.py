@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..engine.block import Block
@@ -34,6 +35,6 @@ class SinkProbe(HeadMeanProbe):
 
 def sink_rate(values: torch.Tensor | list, eps: float = 0.3) -> float:
     """Fraction of heads whose ``sink`` score exceeds ``eps`` (Gu et al. 2024)."""
-    t = torch.as_tensor(values, dtype=torch.float64)
+    t = torch.tensor(np.array(values, dtype=np.float64))  # a copy: pandas hands read-only arrays
     t = t[~torch.isnan(t)]
     return float((t > eps).double().mean()) if t.numel() else float("nan")
