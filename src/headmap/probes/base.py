@@ -180,7 +180,10 @@ class HeadStats:
         n = self.count.astype(np.float64)
         mean = self.mean()
         with np.errstate(invalid="ignore", divide="ignore"):
-            var = (self.total_sq - n * mean * mean) / np.maximum(n - 1, 1)
+            spread = self.total_sq - n * mean * mean
+            # sum x^2 - n mean^2 cancels: below a few ulps of sum x^2 it is rounding, not spread
+            spread = np.where(spread > 16 * np.finfo(np.float64).eps * self.total_sq, spread, 0.0)
+            var = spread / np.maximum(n - 1, 1)
             se = np.sqrt(np.maximum(var, 0.0) / np.maximum(n, 1))
         return np.where(n > 1, se, np.nan)
 
