@@ -138,8 +138,10 @@ def test_options_are_recorded(llama):
 
 def test_text_and_repeats_unchanged(llama):
     text = load_corpus("text", llama, 64, limit=2)
-    first = llama(" ".join(shipped_text()[:3]))["input_ids"][:64]
+    # cut to 64 tokens by the tokenizer, so an encoder's closing [SEP] stays (it is the 64th token)
+    first = llama(" ".join(shipped_text()[:3]), truncation=True, max_length=64)["input_ids"]
     assert text.samples[0].ids == first and text.samples[0].info["paragraphs"][0] == 0
+    assert len(first) == 64 and first[-1] == llama.sep_token_id
     rep = load_corpus("repeats", llama, 33, limit=2, seed=3)
     n = rep.samples[0].info["repeat_length"]
     off = rep.samples[0].info["offset"]

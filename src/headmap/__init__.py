@@ -9,6 +9,7 @@ from .errors import HeadmapError
 from .models import load_model
 from .probes import PROBES, Probe, SinkProbe, make_probes
 from .scan import scan
+from .steer import steer
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,5 @@ __all__ = [
     "observe",
     "register",
     "scan",
+    "steer",
 ]

@@ -1,5 +1,155 @@
-"""Training-free attention edits (the steering issue adds the concrete classes)."""
+"""Training-free attention edits, applied by the engine to the heads and keys they name.
 
-from .base import Edit
+Each edit is a small class (one module each); ``make_edits`` builds them from specs such as
+``ablate:heads=[[18,6]]:mode=zero`` or ``scale_first_token:heads="top 10% sink":factor=0.5`` (the
+syntax of ``headmap steer --edit``, documented in docs/steering.md).
+"""
 
-__all__ = ["Edit"]
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import EditError
+from .ablate import Ablate
+from .base import Edit, model_shape
+from .first_token import ScaleFirstToken
+from .heads import Rule, load_atlas, parse_rule, select_heads
+from .local import ReinforceLocal
+from .sinks import CalibrateSinks, RedistributeSinks
+from .span import ScaleSpan, SpanEdit, find_span
+from .temperature import Temperature
+
+#: Edit classes by spec name.
+EDITS: dict[str, type[Edit]] = {
+    cls.name: cls
+    for cls in (Ablate, ScaleFirstToken, ScaleSpan, CalibrateSinks, RedistributeSinks, Temperature, ReinforceLocal)
+}
+
+#: Constructor arguments a spec cannot set (Python objects).
+_NOT_IN_SPECS = {"self", "atlas", "means"}
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets and quotes."""
+    parts, current, depth, quote = [], [], 0, None
+    for ch in text:
+        if quote:
+            current.append(ch)
+            if ch == quote:
+                quote = None
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == sep and depth <= 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if quote:
+        raise EditError(f"edit spec {text!r} has an unclosed quote ({quote})")
+    parts.append("".join(current))
+    return parts
+
+
+def _value(text: str) -> Any:
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1]
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"):
+        return float(lowered)  # so that the edit says the number must be finite
+    return text
+
+
+def spec_parameters(cls: type[Edit]) -> list[str]:
+    """Names a spec may set for an edit class."""
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in _NOT_IN_SPECS]
+
+
+def parse_edit(spec: str, atlas: Any = None) -> Edit:
+    """One edit from ``name:key=value:key=value`` (values are JSON or bare words)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise EditError(f"empty edit spec; choose from: {', '.join(EDITS)}")
+    name, *options = _split_top(spec.strip(), ":")
+    name = name.strip()
+    if name not in EDITS:
+        raise EditError(f"unknown edit {name!r}; choose from: {', '.join(EDITS)}")
+    cls = EDITS[name]
+    settable = spec_parameters(cls)
+    kwargs: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise EditError(f"edit option {option!r} of {name} is not key=value (e.g. {name}:heads=[[0,1]])")
+        if key not in settable:
+            raise EditError(f"edit {name} has no parameter {key!r}; its parameters: {', '.join(settable)}")
+        if key in kwargs:
+            raise EditError(f"edit {name} sets {key} twice")
+        kwargs[key] = _value(value)
+    try:
+        return cls(**kwargs, atlas=atlas)
+    except TypeError as exc:
+        raise EditError(f"bad parameters for edit {name}: {exc}") from exc
+
+
+def make_edits(specs: str | Edit | Iterable[str | Edit], atlas: Any = None) -> list[Edit]:
+    """Edits from specs: one string (several specs separated by commas), an Edit, or a list of either.
+
+    ``atlas`` (an Atlas or a run folder) resolves heads rules such as ``heads="top 5% retrieval"``; it is
+    also given to Edit objects that have none.
+    """
+    atlas = load_atlas(atlas)
+    if isinstance(specs, (str, Edit)):
+        specs = [specs]
+    edits: list[Edit] = []
+    for item in specs:
+        if isinstance(item, Edit):
+            if item.atlas is None and atlas is not None:
+                item.atlas = atlas
+            edits.append(item)
+        elif isinstance(item, str):
+            edits.extend(parse_edit(part, atlas=atlas) for part in _split_top(item, ",") if part.strip())
+        else:
+            raise EditError(f"an edit is a spec string or an Edit object, got {type(item).__name__}")
+    if not edits:
+        raise EditError(f"no edit given; choose from: {', '.join(EDITS)}")
+    return edits
+
+
+__all__ = [
+    "EDITS",
+    "Ablate",
+    "CalibrateSinks",
+    "Edit",
+    "RedistributeSinks",
+    "ReinforceLocal",
+    "Rule",
+    "ScaleFirstToken",
+    "ScaleSpan",
+    "SpanEdit",
+    "Temperature",
+    "find_span",
+    "load_atlas",
+    "make_edits",
+    "model_shape",
+    "parse_edit",
+    "parse_rule",
+    "select_heads",
+    "spec_parameters",
+]

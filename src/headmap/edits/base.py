@@ -9,30 +9,157 @@ of complete attention rows (see :class:`headmap.engine.block.Block`):
   probes see, and V is multiplied by, what this returns;
 - ``edit_output(block, out)``: [B, H, bq, Dv] per-head outputs before the heads are merged.
 
-Each hook returns a tensor of the same shape; the defaults return their input unchanged.
+Each hook returns a tensor of the same shape; the defaults return their input unchanged. Hooks
+must be pure functions of their inputs: under autograd the engine recomputes every block inside a
+checkpoint, so a hook that updated state would see each block twice. Heads the edit does not name
+keep their values bit for bit (``torch.where`` on :meth:`Edit.head_mask`), and an edit at its
+neutral setting returns its input tensor itself.
+
+``heads`` is an iterable of (layer, head) pairs, None for every head, or a rule over an atlas
+(``"top 5% retrieval"``, ``"sink > 0.5 in layers 2 to 10"``; see :mod:`headmap.edits.heads`),
+resolved against ``atlas`` when the edit is made or, failing that, when a session binds it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..engine.block import Block
+from ..errors import EditError
+
+
+def model_shape(model: nn.Module) -> tuple[int, int]:
+    """(layers, query heads per layer) from the model's config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise EditError(f"{type(model).__name__} has no config; edits need a transformers model")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = next((getattr(text, a) for a in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(text, a)), None)
+    heads = next((getattr(text, a) for a in ("num_attention_heads", "n_head", "num_heads") if hasattr(text, a)), None)
+    if not isinstance(layers, int) or not isinstance(heads, int):
+        raise EditError(f"cannot read the number of layers and heads from the config of {type(model).__name__}")
+    return layers, heads
+
+
+def check_number(edit: str, key: str, value: Any, low: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a finite float >= ``low`` (> ``low`` when ``strict``), else EditError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EditError(f"{edit}: {key} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise EditError(f"{edit}: {key} must be a finite number, got {value}")
+    if value < low or (strict and value == low):
+        bound = f"greater than {low:g}" if strict else f"at least {low:g}"
+        raise EditError(f"{edit}: {key} must be {bound}, got {value:g}")
+    return value
+
+
+def parse_heads(heads: Any, edit: str = "edit") -> list[tuple[int, int]]:
+    """(layer, head) pairs from a list of pairs (or one pair ``[layer, head]``)."""
+    if isinstance(heads, (list, tuple)) and len(heads) == 2 and all(_is_int(x) for x in heads):
+        heads = [heads]
+    pairs = []
+    try:
+        items = list(heads)
+    except TypeError:
+        items = None
+    if items is None:
+        raise EditError(f"{edit}: heads must be a list of [layer, head] pairs or a rule string, got {heads!r}")
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(_is_int(x) for x in item):
+            raise EditError(f"{edit}: heads must be [layer, head] pairs of integers, got {item!r} in {heads!r}")
+        pairs.append((int(item[0]), int(item[1])))
+    return sorted(set(pairs))
+
+
+def _is_int(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, int):
+        return True
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point():
+        return True
+    return hasattr(x, "__index__") and not isinstance(x, float)
 
 
 class Edit:
-    """Base edit. ``heads`` is an iterable of (layer, head) pairs, or None for every head."""
+    """Base edit. ``heads``: (layer, head) pairs, None for every head, or a rule over ``atlas``."""
 
-    def __init__(self, heads: Iterable[tuple[int, int]] | None = None) -> None:
-        self.heads = None if heads is None else sorted({(int(l), int(h)) for l, h in heads})
+    #: Name in specs (``headmap steer --edit NAME:key=value``) and in :data:`headmap.edits.EDITS`.
+    name: ClassVar[str] = ""
+
+    def __init__(self, heads: Iterable[tuple[int, int]] | str | None = None, atlas: Any = None) -> None:
+        self.atlas = atlas
+        self.heads_rule: str | None = None
+        self.heads: list[tuple[int, int]] | None = None
+        self._shape: tuple[int, int] | None = None
+        if isinstance(heads, str):
+            from .heads import parse_rule
+
+            self.heads_rule = heads.strip()
+            parse_rule(self.heads_rule)  # a syntax error is reported now, not at bind time
+            if atlas is not None:
+                self._resolve_rule(None)
+        elif heads is not None:
+            self.heads = parse_heads(heads, self.label)
         self._layers = None if self.heads is None else {l for l, _ in self.heads}
 
+    # -- naming ----------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return self.name or type(self).__name__
+
+    def params(self) -> dict[str, Any]:
+        """What defines the edit (besides its heads), for printing."""
+        return {}
+
+    def describe(self) -> str:
+        if self.heads is None and self.heads_rule is None:
+            heads = "every head"
+        elif self.heads is None:
+            heads = f"heads {self.heads_rule!r} (not resolved yet)"
+        else:
+            shown = ", ".join(f"L{l}H{h}" for l, h in self.heads[:12])
+            more = f" and {len(self.heads) - 12} more" if len(self.heads) > 12 else ""
+            rule = f" ({self.heads_rule})" if self.heads_rule else ""
+            heads = f"{len(self.heads)} head{'s' if len(self.heads) != 1 else ''}{rule}: {shown}{more}"
+        extra = ", ".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.label}({extra}) on {heads}" if extra else f"{self.label} on {heads}"
+
+    # -- heads -----------------------------------------------------------------------------------
+    def _resolve_rule(self, shape: tuple[int, int] | None) -> None:
+        from .heads import load_atlas, select_heads
+
+        self.atlas = load_atlas(self.atlas)
+        self.heads = select_heads(self.heads_rule, self.atlas, shape=shape, edit=self.label)
+        self._layers = {l for l, _ in self.heads}
+
     def bind(self, model: nn.Module) -> None:
-        """Called when a session starts; check the heads against the model here."""
+        """Called when a session starts: resolve a heads rule, check the heads against the model."""
+        layers, heads = model_shape(model)
+        self._shape = (layers, heads)
+        if self.heads_rule is not None:
+            if self.atlas is None:
+                raise EditError(
+                    f"{self.label}: heads rule {self.heads_rule!r} needs an atlas: pass atlas= (an Atlas or a run "
+                    "folder of headmap scan) to the edit or to headmap.steer, or --atlas RUN_DIR on the command line"
+                )
+            self._resolve_rule((layers, heads))
+        for layer, head in self.heads or ():
+            if not (0 <= layer < layers and 0 <= head < heads):
+                raise EditError(
+                    f"{self.label} names layer {layer} head {head}, which does not exist: the model has {layers} "
+                    f"layers x {heads} heads (layers 0-{layers - 1}, heads 0-{heads - 1})"
+                )
 
     def applies_to_layer(self, layer: int) -> bool:
+        if self.heads is None and self.heads_rule is not None:
+            return False  # an unresolved rule touches nothing (a session always binds first)
         return self._layers is None or layer in self._layers
 
     def head_mask(self, block: Block, like: torch.Tensor) -> torch.Tensor:
@@ -46,6 +173,32 @@ class Edit:
                     sel[head] = True
         return sel.view(1, -1, 1, 1)
 
+    def layer_heads(self, block: Block) -> list[int] | None:
+        """Heads of this block's layer the edit touches, in order; None for every head."""
+        if self.heads is None:
+            return None
+        return [h for l, h in self.heads if l == block.layer and h < block.num_heads]
+
+    def on_heads(self, block: Block, x: torch.Tensor, fn) -> torch.Tensor:
+        """Apply ``fn(x[:, heads], heads)`` to the touched heads of ``x`` [B, H, ...]; others keep their values.
+
+        ``heads`` is a list of head indices, or ``slice(None)`` when the edit touches every head. Without
+        autograd ``x`` is updated in place (as the engine does with its own temporaries); with autograd
+        a copy is made, so that a checkpoint recompute sees the same input.
+        """
+        heads = self.layer_heads(block)
+        if heads is None:
+            return fn(x, slice(None))
+        if not heads:
+            return x
+        if len(heads) == x.shape[1]:
+            return fn(x, slice(None))
+        new = fn(x[:, heads], heads)
+        out = x if not torch.is_grad_enabled() else x.clone()
+        out[:, heads] = new.to(out.dtype)
+        return out
+
+    # -- hooks -----------------------------------------------------------------------------------
     def edit_logits(self, block: Block, logits: torch.Tensor) -> torch.Tensor:
         return logits
 
@@ -54,3 +207,44 @@ class Edit:
 
     def edit_output(self, block: Block, out: torch.Tensor) -> torch.Tensor:
         return out
+
+
+def reweight_rows(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Multiply each entry by ``weight`` and renormalise every row to the mass it had.
+
+    A'[i, j] = A[i, j] w[i, j] * (sum_k A[i, k]) / (sum_k A[i, k] w[i, k]). A row's mass is 1 except
+    with learned sink logits (gpt-oss), where the sink keeps its share. Rows whose reweighted mass is
+    0 (nothing visible, or every visible key weighted 0) are left as they were.
+    """
+    scaled = probs * weight
+    mass = probs.sum(dim=-1, keepdim=True)
+    new = scaled.sum(dim=-1, keepdim=True)
+    ok = new > 0
+    ratio = torch.where(ok, mass / torch.where(ok, new, torch.ones_like(new)), torch.ones_like(new))
+    return torch.where(ok, scaled * ratio, probs)
+
+
+def positions_in(block: Block, start: int, end: int) -> torch.Tensor:
+    """[B, bk] bool: key columns whose position inside their input is in [start, end)."""
+    rel = block.rel_k()
+    return (rel >= start) & (rel < end)
+
+
+def received_in_block(block: Block, probs: torch.Tensor) -> torch.Tensor:
+    """[B, H, bk] float32: mean attention key j receives from the real query rows of the block that see it.
+
+    The diagonal (i = j) counts, as in ACT; keys no real row of the block sees get 0.
+    """
+    qv = block.query_valid
+    weights = qv.to(probs.dtype)[:, None, None, :]  # [B, 1, 1, bq]
+    mass = torch.matmul(weights, probs).squeeze(-2)  # [B, H, bk]; hidden entries are 0
+    batch, keys = qv.shape[0], probs.shape[-1]
+    segments = block.hidden_segments()
+    if segments is None:
+        count = (block.visible()[:, 0] & qv[:, :, None]).sum(dim=1)
+    else:
+        count = qv.sum(dim=1, keepdim=True).expand(batch, keys).clone()
+        for a, b in segments:
+            count[:, a:b] = (block.mask_columns(a, b)[:, 0] & qv[:, :, None]).sum(dim=1)
+    count = count[:, None, :].to(probs.dtype)
+    return torch.where(count > 0, mass / count.clamp(min=1), torch.zeros_like(mass))

@@ -1,0 +1,66 @@
+"""``headmap steer``: the greedy generation of a prompt without and with attention edits, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from ..cli import app, console
+
+EDIT_HELP = (
+    "an edit as NAME:key=value:key=value (values JSON or bare words; repeat --edit for several). Names: ablate "
+    "(heads, mode=zero|mean, reference=FILE), scale_first_token (heads, factor), scale_span (heads, span, factor, "
+    "where=probs|logits), calibrate_sinks (heads, tau, factor), redistribute_sinks (heads, span, p, sinks, tau), "
+    "temperature (heads, tau), reinforce_local (heads, k, factor|amount). heads=[[layer,head],...] or a rule over "
+    '--atlas such as heads="top 5% retrieval"; span=[start,end] token positions or span="text in the prompt". '
+    "E.g. ablate:heads=[[18,6]]:mode=zero. See docs/steering.md"
+)
+
+
+@app.command()
+def steer(
+    model: Annotated[
+        str,
+        typer.Argument(help="hub id, local folder, .gguf file, or built-in name (smollm2); a causal language model"),
+    ],
+    edit: Annotated[list[str], typer.Option("--edit", help=EDIT_HELP)],
+    prompt: Annotated[str, typer.Option(help="the text to continue")],
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (greedy)")] = 30,
+    atlas: Annotated[
+        Path | None, typer.Option(help='run folder of headmap scan, for heads rules such as "top 5% retrieval"')
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
+) -> None:
+    """Generate greedily from --prompt without and with the --edit edits, and print both side by side.
+
+    Both runs use the headmap engine, so the edits are the only difference. Bad edits (a layer or head the
+    model does not have, a negative, NaN or infinite factor, a span not in the prompt, an unknown name or
+    parameter) get one line and exit code 2 before anything is generated.
+    """
+    from ..steer import compare
+
+    result = compare(
+        model,
+        edit,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        atlas=atlas,
+        dtype=dtype,
+        device=device,
+    )
+    console.print(f"[bold]{result.model_id}[/]", highlight=False)
+    for line in result.edits:
+        console.print(f"edit: {line}", highlight=False, markup=False)
+    console.print(f"prompt: {result.prompt}", highlight=False, markup=False)
+    table = Table(show_lines=True)
+    table.add_column("without edits", overflow="fold", ratio=1)
+    table.add_column("with edits", overflow="fold", ratio=1)
+    table.add_row(Text(result.without), Text(result.steered))
+    console.print(table)
+    if result.identical:
+        console.print("the edits did not change the greedy generation")

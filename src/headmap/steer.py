@@ -1,0 +1,148 @@
+"""Steering: run a model with attention edits on.
+
+    with headmap.steer(model, edits=["ablate:heads=[[18,6]]"]):
+        model.generate(...)
+
+A steering session is an engine session with edits and no probes, so it composes with
+:func:`headmap.observe`: an atlas measured inside ``steer`` measures the edited attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .edits import Ablate, Edit, SpanEdit, make_edits
+from .engine.session import Session
+from .errors import EditError
+
+
+def prepare(edits: Iterable[Edit], tokenizer: Any, prompt: str | None = None) -> None:
+    """Resolve what needs the tokenizer: text spans (found in ``prompt``) and text-file references of mean ablation.
+
+    A positional span is checked to fit the prompt. Ablate's ``reference`` may be the path of a UTF-8
+    text file, one reference input per line.
+    """
+    for edit in edits:
+        if isinstance(edit, SpanEdit) and prompt is not None:
+            edit.locate(tokenizer, prompt)
+        if isinstance(edit, Ablate) and isinstance(edit.reference, (str, Path)):
+            path = Path(edit.reference).expanduser()
+            if not path.is_file():
+                raise EditError(f"ablate: reference file {path} does not exist (a UTF-8 text file, one input per line)")
+            try:
+                lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EditError(f"ablate: cannot read reference file {path}: {exc}") from exc
+            if not lines:
+                raise EditError(f"ablate: reference file {path} has no text")
+            edit.reference = [tokenizer(line, return_tensors="pt") for line in lines]
+
+
+def steer(
+    model: Any,
+    edits: str | Edit | Iterable[str | Edit],
+    atlas: Any = None,
+    tokenizer: Any = None,
+    prompt: str | None = None,
+) -> Session:
+    """A context manager that runs ``model`` with ``edits`` (Edit objects or specs) applied.
+
+    ``atlas`` (an Atlas or a run folder of ``headmap scan``) resolves heads rules such as
+    ``"top 5% retrieval"``. With ``tokenizer`` (and ``prompt``), text spans are found in the prompt and
+    text-file references of mean ablation are tokenised. Edits are checked against the model (their
+    layers and heads must exist) when the ``with`` block starts: :class:`~headmap.errors.EditError`.
+    """
+    objs = make_edits(edits, atlas=atlas)
+    if tokenizer is not None:
+        prepare(objs, tokenizer, prompt)
+    return Session(model, edits=objs)
+
+
+@dataclass
+class Comparison:
+    """Greedy generations of one prompt without and with edits (what ``headmap steer`` prints)."""
+
+    model_id: str
+    prompt: str
+    edits: list[str]  # each edit described, heads resolved
+    without: str
+    steered: str
+    without_ids: list[int] = field(default_factory=list)
+    steered_ids: list[int] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return self.without_ids == self.steered_ids
+
+
+def compare(
+    model: Any,
+    edits: str | Edit | Iterable[str | Edit],
+    prompt: str,
+    max_new_tokens: int = 30,
+    atlas: Any = None,
+    tokenizer: Any = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Comparison:
+    """Generate greedily from ``prompt`` without and with ``edits``; both runs use the headmap engine.
+
+    ``model`` is a model object (then pass its ``tokenizer``) or anything :func:`headmap.load_model`
+    loads. Every input is checked before anything is generated: the options, the edit specs, the
+    atlas, the model (a causal language model), the spans (found in the prompt) and the heads (they
+    must exist in the model).
+    """
+    import torch
+
+    from .engine.session import observe
+    from .errors import ModelError, OptionError
+    from .models import is_causal_lm, load_model, wrap_model
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise OptionError("--prompt is empty; give the text to continue")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise OptionError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    objs = make_edits(edits, atlas=atlas)
+    if isinstance(model, str) or model is None:
+        loaded = load_model(model, dtype=dtype, device=device)
+    else:
+        loaded = wrap_model(model, tokenizer)
+    if loaded.tokenizer is None:
+        raise ModelError("steering a prompt needs the model's tokenizer: pass tokenizer=")
+    net, tok = loaded.model, loaded.tokenizer
+    if not is_causal_lm(net.config) or not hasattr(net, "generate"):
+        raise ModelError(
+            f"{loaded.model_id} is not a causal language model (model type {net.config.model_type}); "
+            "headmap steer compares generations, use headmap.steer in Python for other models"
+        )
+    prepare(objs, tok, prompt)
+    for edit in objs:
+        edit.bind(net)  # heads exist, rules resolved, means fitted: before anything is generated
+    dev = next(net.parameters()).device
+    enc = tok(prompt, return_tensors="pt")
+    enc = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
+    width = enc["input_ids"].shape[1]
+
+    def generate() -> list[int]:
+        with torch.no_grad():
+            out = net.generate(**enc, **settings)
+        return out[0, width:].tolist()
+
+    with observe(net):
+        plain = generate()
+    with Session(net, edits=objs):
+        steered = generate()
+    return Comparison(
+        model_id=loaded.model_id,
+        prompt=prompt,
+        edits=[e.describe() for e in objs],
+        without=tok.decode(plain, skip_special_tokens=True),
+        steered=tok.decode(steered, skip_special_tokens=True),
+        without_ids=plain,
+        steered_ids=steered,
+    )
