@@ -1,7 +1,8 @@
 """The atlas: what a scan measured, as tables, and its on-disk form (the output contract).
 
 A run folder holds ``heads.parquet`` (one row per probe, metric, layer, head), optionally
-``tokens.parquet``, and ``meta.json``. headmap writes each file atomically (a temporary file
+``tokens.parquet`` and ``maps.parquet`` (downsampled attention maps), ``meta.json``, and the
+HTML report ``report.html`` when asked for. headmap writes each file atomically (a temporary file
 renamed into place), refuses to write over another run unless asked to, and never deletes a file
 it did not write.
 """
@@ -24,7 +25,7 @@ from .errors import OutputError
 
 FORMAT = "headmap-atlas/1"
 #: Every file (or folder) headmap may write into a run folder; nothing else is ever removed.
-RUN_FILES = ("heads.parquet", "tokens.parquet", "meta.json", "report.html", CHECKPOINT_DIR)
+RUN_FILES = ("heads.parquet", "tokens.parquet", "maps.parquet", "meta.json", "report.html", CHECKPOINT_DIR)
 
 HEADS_SCHEMA = pa.schema(
     [
@@ -49,6 +50,17 @@ TOKENS_SCHEMA = pa.schema(
         ("value", pa.float64()),
     ]
 )
+MAPS_SCHEMA = pa.schema(
+    [
+        ("sample", pa.int64()),
+        ("layer", pa.int64()),
+        ("head", pa.int64()),
+        ("row_bin", pa.int64()),
+        ("col_bin", pa.int64()),
+        ("length", pa.int64()),
+        ("value", pa.float64()),
+    ]
+)
 
 
 def empty_frame(schema: pa.Schema) -> pd.DataFrame:
@@ -57,11 +69,13 @@ def empty_frame(schema: pa.Schema) -> pd.DataFrame:
 
 @dataclass
 class Atlas:
-    """Tables of one scan: ``heads`` and ``tokens`` DataFrames and the ``meta`` dict."""
+    """Tables of one scan: ``heads``, ``tokens`` and ``maps`` DataFrames and the ``meta`` dict."""
 
     heads: pd.DataFrame
     meta: dict[str, Any]
     tokens: pd.DataFrame = field(default_factory=lambda: empty_frame(TOKENS_SCHEMA))
+    #: downsampled attention maps (probe ``attention_maps``): one row per sample, layer, head and cell
+    maps: pd.DataFrame = field(default_factory=lambda: empty_frame(MAPS_SCHEMA))
 
     def top(self, probe: str, k: int = 10, metric: str | None = None) -> pd.DataFrame:
         """The ``k`` heads with the highest value of ``probe`` (its ``metric``, default the probe's own)."""
@@ -88,6 +102,12 @@ class Atlas:
             written.append(_write_parquet(folder / "tokens.parquet", self.tokens, TOKENS_SCHEMA))
         elif overwrite and (folder / "tokens.parquet").is_file():
             (folder / "tokens.parquet").unlink()  # a stale table of the run being replaced
+        if len(self.maps):
+            written.append(_write_parquet(folder / "maps.parquet", self.maps, MAPS_SCHEMA))
+        elif overwrite and (folder / "maps.parquet").is_file():
+            (folder / "maps.parquet").unlink()
+        if overwrite and (folder / "report.html").is_file():
+            (folder / "report.html").unlink()  # the report of the run being replaced
         meta = dict(self.meta, format=FORMAT)
         written.append(_write_text(folder / "meta.json", json.dumps(meta, indent=2, default=str) + "\n"))
         return written
@@ -110,12 +130,23 @@ class Atlas:
             heads = pq.read_table(folder / "heads.parquet").to_pandas()
             tokens_path = folder / "tokens.parquet"
             tokens = pq.read_table(tokens_path).to_pandas() if tokens_path.exists() else empty_frame(TOKENS_SCHEMA)
+            maps_path = folder / "maps.parquet"
+            maps = pq.read_table(maps_path).to_pandas() if maps_path.exists() else empty_frame(MAPS_SCHEMA)
         except (OSError, pa.ArrowException) as exc:
             raise OutputError(f"a table in {folder} is missing or corrupt ({exc}); run the scan again") from exc
         missing = set(HEADS_SCHEMA.names) - set(heads.columns)
         if missing:
             raise OutputError(f"{folder / 'heads.parquet'} lacks columns {sorted(missing)}; run the scan again")
-        return cls(heads=heads, meta=meta, tokens=tokens)
+        missing = set(MAPS_SCHEMA.names) - set(maps.columns)
+        if missing:
+            raise OutputError(f"{folder / 'maps.parquet'} lacks columns {sorted(missing)}; run the scan again")
+        return cls(heads=heads, meta=meta, tokens=tokens, maps=maps)
+
+    def _repr_html_(self) -> str:
+        """Compact summary for notebooks: model, shape, probes and top heads (every string escaped)."""
+        from .report import summary_html
+
+        return summary_html(self)
 
 
 def check_output_folder(folder: Path, overwrite: bool, resume: bool = False) -> None:

@@ -39,7 +39,7 @@ from rich.progress import (
 )
 
 from . import checkpoint
-from .atlas import HEADS_SCHEMA, TOKENS_SCHEMA, Atlas, check_output_folder, empty_frame
+from .atlas import HEADS_SCHEMA, MAPS_SCHEMA, TOKENS_SCHEMA, Atlas, check_output_folder, empty_frame
 from .corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from .engine import CONFIG as ENGINE_CONFIG
 from .engine import check_supported, observe
@@ -279,6 +279,14 @@ def _token_table(probes: Sequence[Probe], tokenizer: Any) -> pd.DataFrame:
             f"layer {bad['layer']}; no NaN is written"
         )
     return table.sort_values(["metric", "sample", "layer", "position"], kind="stable").reset_index(drop=True)
+
+
+def _map_table(probes: Sequence[Probe]) -> pd.DataFrame:
+    """Rows of maps.parquet from the probes that keep attention maps (``map_frame()``)."""
+    frames = [f for f in (p.map_frame() for p in probes if hasattr(p, "map_frame")) if f is not None and len(f)]
+    if not frames:
+        return empty_frame(MAPS_SCHEMA)
+    return pd.concat(frames, ignore_index=True)[MAPS_SCHEMA.names]
 
 
 class _Terminated(KeyboardInterrupt):
@@ -642,7 +650,7 @@ def scan(
                 "resumed_from": resumed_from,
                 "fingerprint": fp,
             }
-            atlas = Atlas(heads=heads, meta=meta, tokens=_token_table(probe_objs, tok))
+            atlas = Atlas(heads=heads, meta=meta, tokens=_token_table(probe_objs, tok), maps=_map_table(probe_objs))
             if out_dir is not None:
                 # The folder was checked before the first forward; what is in it now is this run's
                 # checkpoint or the run that --overwrite / --resume replaces.

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..errors import ProbeError
+from .attention_maps import AttentionMapsProbe
 from .base import HeadMeanProbe, HeadStats, Probe, supports_state
 from .duplicate_token import DuplicateTokenProbe, RepeatProbe
 from .entropy import EntropyProbe
@@ -41,6 +42,7 @@ PROBES: dict[str, type[Probe]] = {
         FaiProbe,
         SinksProbe,
         MassiveValuesProbe,
+        AttentionMapsProbe,
     )
 }
 
@@ -133,6 +135,7 @@ def default_probe_names(causal: bool) -> list[str]:
 
 __all__ = [
     "PROBES",
+    "AttentionMapsProbe",
     "DuplicateTokenProbe",
     "EntropyProbe",
     "FaiProbe",

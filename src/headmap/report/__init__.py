@@ -1,0 +1,209 @@
+"""The atlas report: one self-contained HTML page per run, paper figures, and a notebook summary.
+
+``write_report(run)`` writes ``report.html``: the page carries plotly.js (from the installed
+``plotly`` package), its own script and styles, and the run's data inline, so it opens from disk
+with no network. Data goes into a ``<script type="application/json">`` block with ``<``, ``>``,
+``&`` and every non-ASCII character escaped as ``\\uXXXX``, and the page only ever puts data into
+the document as text (``textContent``, and entity-escaped labels for plotly), so no token, text,
+file or model name can add markup or script. A Content-Security-Policy admits only the page's
+two scripts (by hash) and no network at all.
+
+``png_dir`` also writes the heatmaps and the sink chart as PNG figures (matplotlib, 300 dpi,
+single-column width). :func:`summary_html` is the compact HTML of ``Atlas._repr_html_``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..atlas import Atlas, _write_text
+from ..errors import OutputError
+from .data import report_data
+
+__all__ = ["report_data", "report_html", "summary_html", "write_report"]
+
+#: A report should stay below this size (checked by the tests; see ``headmap.report.data``).
+SIZE_LIMIT_BYTES = 10 * 1024 * 1024
+
+
+def _asset(name: str) -> str:
+    return resources.files(__package__).joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def _plotly_js() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def safe_script(code: str) -> str:
+    """Script text that cannot end its ``<script>`` element early or open an HTML comment."""
+    code = re.sub(r"</(script)", r"<\\/\1", code, flags=re.IGNORECASE)
+    return code.replace("<!--", "<\\!--")
+
+
+def json_for_script(data: Any) -> str:
+    """JSON that is inert inside ``<script type="application/json">``: no ``<``, ``>``, ``&``, non-ASCII."""
+    text = json.dumps(data, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _sha256(text: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="headmap {version}">
+<title>headmap: {title}</title>
+<style>{css}</style>
+</head>
+<body>
+<header>
+  <h1 id="title">{title}</h1>
+  <p class="sub">headmap atlas report</p>
+  <nav>
+    <a href="#card-section">model</a> <a href="#categories-section">categories</a>
+    <a href="#heatmaps-section">heatmaps</a> <a href="#strips-section">tokens</a>
+    <a href="#sinks-section">sinks</a> <a href="#top-section">top heads</a>
+    <a href="#settings-section">settings</a>
+  </nav>
+</header>
+<main>
+  <section id="card-section"><h2>Model</h2><table id="card" class="kv"></table></section>
+  <section id="categories-section"><h2>Head categories</h2>
+    <p class="hint">Each head's main category (the first rule it meets, in this order).
+    Click a cell to open the head.</p>
+    <div id="categories-plot" class="plot wide"></div><ul id="category-rules" class="rules"></ul></section>
+  <section id="heatmaps-section"><h2>Heads, metric by metric</h2>
+    <p class="hint">Layer x head. Hover a cell for its value; click it to open the head's panel.</p>
+    <div id="heatmaps" class="grid"></div></section>
+  <section id="strips-section"><h2>Tokens</h2>
+    <p class="hint">Each token coloured by the chosen measure; hover a token for all of them.</p>
+    <label class="control">colour by <select id="strip-metric"></select></label>
+    <div id="strips"></div></section>
+  <section id="sinks-section"><h2>Attention sinks</h2>
+    <p class="hint">Tokens that collect attention: in which layers (primary: token 0; secondary: any other;
+    hidden: in single heads only), their lifetime (longest run of sink layers) and the largest ratio of their
+    hidden-state norm to the input's median.</p>
+    <div id="sinks-plot" class="plot wide"></div></section>
+  <section id="top-section"><h2>Top heads per probe</h2><div id="top-tables" class="grid"></div></section>
+  <section id="settings-section"><h2>Settings</h2><ul id="notes" class="rules"></ul><pre id="settings"></pre></section>
+</main>
+<aside id="head-panel" hidden aria-live="polite">
+  <button id="panel-close" type="button" aria-label="close">&times;</button>
+  <h2 id="panel-title"></h2>
+  <p id="panel-kv" class="sub"></p>
+  <div id="panel-tags"></div>
+  <h3>Attention maps</h3>
+  <p class="hint">Mean attention probability per cell of the pooled map (query rows, key columns);
+  colours clipped at the map's 98th percentile.</p>
+  <div id="panel-maps"></div>
+  <h3>Scores</h3>
+  <table id="panel-scores" class="scores"></table>
+</aside>
+<script type="application/json" id="headmap-data">{data}</script>
+<script>{plotly}</script>
+<script>{app}</script>
+</body>
+</html>
+"""
+
+
+def report_html(atlas: Atlas) -> str:
+    """The report of ``atlas`` as one HTML string."""
+    from .. import __version__
+
+    data = json_for_script(report_data(atlas))
+    plotly_js = safe_script(_plotly_js())
+    app = safe_script(_asset("report.js"))
+    csp = (
+        "default-src 'none'; "
+        f"script-src '{_sha256(plotly_js)}' '{_sha256(app)}'; "
+        "style-src 'unsafe-inline'; img-src data: blob:; font-src data:; "
+        "connect-src 'none'; base-uri 'none'; form-action 'none'"
+    )
+    title = html.escape(str(atlas.meta.get("model") or "headmap run"), quote=True)
+    return PAGE.format(
+        csp=csp,
+        version=html.escape(str(__version__)),
+        title=title,
+        css=_asset("report.css"),
+        data=data,
+        plotly=plotly_js,
+        app=app,
+    )
+
+
+def write_report(
+    atlas_or_dir: Atlas | str | Path, out: str | Path | None = None, png_dir: str | Path | None = None
+) -> list[Path]:
+    """Write ``report.html`` (default: into the run folder) and, with ``png_dir``, the PNG figures.
+
+    ``atlas_or_dir``: an Atlas or a run folder (read with ``Atlas.load``: OutputError when it is
+    missing or corrupt). Returns the paths written, the HTML first.
+    """
+    if isinstance(atlas_or_dir, Atlas):
+        atlas = atlas_or_dir
+        if out is None:
+            raise OutputError("write_report(atlas) needs out=...: the path of the HTML file to write")
+        target = Path(out)
+    else:
+        atlas = Atlas.load(atlas_or_dir)
+        target = Path(out) if out is not None else Path(atlas_or_dir) / "report.html"
+    if target.is_dir():
+        raise OutputError(f"--out {target} is a folder; give the path of the HTML file to write")
+    if not target.parent.is_dir():
+        raise OutputError(f"cannot write {target}: folder {target.parent} does not exist")
+    page = report_html(atlas)
+    try:
+        written = [_write_text(target, page)]
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    if png_dir is not None:
+        from .figures import write_pngs
+
+        written += write_pngs(atlas, Path(png_dir))
+    return written
+
+
+def summary_html(atlas: Atlas, k: int = 3) -> str:
+    """Compact HTML summary of an atlas (model, shape, probes, top heads); every string escaped."""
+    e = html.escape
+    meta = atlas.meta
+    arch = meta.get("architecture") or {}
+    corpus = meta.get("corpus") or {}
+    shape = f"{arch.get('layers', '?')} layers x {arch.get('heads', '?')} heads"
+    if arch.get("kv_heads"):
+        shape += f" ({arch['kv_heads']} kv)"
+    probes = list(meta.get("probes") or dict.fromkeys(atlas.heads["probe"].astype(str)))
+    lines = [
+        '<div class="headmap-atlas" style="font-family:sans-serif;font-size:13px">',
+        f"<b>{e(str(meta.get('model', 'headmap atlas')))}</b> &middot; {e(str(arch.get('model_type', '')))}, "
+        f"{e(shape)}, {e(str(meta.get('dtype', '')))}<br>",
+        f"corpus {e(str(corpus.get('name', '-')))}: {e(str(corpus.get('inputs', '-')))} inputs, "
+        f"{e(str(corpus.get('tokens', '-')))} tokens<br>",
+        f"probes: {e(', '.join(str(p) for p in probes))}<br>",
+        f"tables: heads {len(atlas.heads):,} rows, tokens {len(atlas.tokens):,}, maps {len(atlas.maps):,}",
+    ]
+    own = atlas.heads[atlas.heads["probe"].astype(str) == atlas.heads["metric"].astype(str)]
+    if len(own):
+        lines.append('<table style="margin-top:4px"><tr><th>probe</th><th>top heads (layer.head: value)</th></tr>')
+        for probe in dict.fromkeys(own["probe"].astype(str)):
+            top = atlas.top(probe, k=k)
+            cells = ", ".join(f"L{int(r.layer)}.H{int(r.head)}: {float(r.value):.3g}" for r in top.itertuples())
+            lines.append(f"<tr><td>{e(probe)}</td><td>{e(cells)}</td></tr>")
+        lines.append("</table>")
+    lines.append("</div>")
+    return "\n".join(lines)
