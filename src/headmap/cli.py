@@ -90,6 +90,7 @@ def scan(
     strict: Annotated[
         bool, typer.Option(help="refuse corpus lines longer than --max-length instead of truncating them")
     ] = False,
+    report: Annotated[bool, typer.Option(help="also write the HTML report, report.html, into --out")] = False,
 ) -> None:
     """Measure every head and token of MODEL and write heads.parquet, tokens.parquet and meta.json.
 
@@ -123,6 +124,10 @@ def scan(
             raise typer.Exit(128 + exc.signum) from None
         err.print("headmap: interrupted", highlight=False)
         raise typer.Exit(130) from None
+    if report:
+        from .report import write_report
+
+        write_report(atlas, out=target / "report.html")
     arch = atlas.meta["architecture"]
     console.print(
         f"[bold]{atlas.meta['model']}[/]: {arch['model_type']}, {arch['layers']} layers x {arch['heads']} heads "
@@ -144,7 +149,7 @@ def scan(
             table.add_row(str(r.layer), str(r.head), str(r.kv_head), f"{r.value:.4f}", f"{r.stderr:.4f}", str(r.n))
         console.print(table)
     console.print(f"wrote {target}/:")
-    for name in ("heads.parquet", "tokens.parquet", "meta.json", "report.html"):
+    for name in ("heads.parquet", "tokens.parquet", "maps.parquet", "meta.json", "report.html"):
         path = target / name
         if path.exists():
             console.print(f"  {name:<15} {path.stat().st_size:>10,} bytes")
@@ -153,6 +158,11 @@ def scan(
 def _slug(name: str) -> str:
     base = Path(name).name if os.sep in name or name.endswith(".gguf") else name
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in base).strip("-.") or "model"
+
+
+from .commands import evaluate as _evaluate_commands  # noqa: E402, F401  (registers `headmap eval` and `tune`)
+from .commands import report as _report_command  # noqa: E402, F401  (registers `headmap report`)
+from .commands import steer as _steer_command  # noqa: E402, F401  (registers `headmap steer`)
 
 
 def main() -> None:

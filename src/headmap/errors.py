@@ -22,6 +22,10 @@ class CorpusError(HeadmapError):
     """The corpus is missing, empty, unreadable or does not fit the model."""
 
 
+class TaskError(HeadmapError):
+    """An evaluation task file is missing, unreadable, or has a malformed item (file and line named)."""
+
+
 class ProbeError(HeadmapError):
     """A probe name or parameter is wrong, or a probe does not apply to the model."""
 
