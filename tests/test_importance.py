@@ -101,9 +101,7 @@ def test_attention_influence(tiny):
     assert list(frame.doc) == [0, 1, 2, 3] and (frame.tokens > 2).all()
     np.testing.assert_allclose(frame.influence, frame.loss_masked - frame.loss_base)
     np.testing.assert_allclose(frame.relative, frame.influence / frame.loss_base)
-    same = attention_influence(
-        tiny.model, tiny.tokenizer, DOCS, edits=[Ablate(heads=[[0, 1], [1, 0]], mode="zero")]
-    )
+    same = attention_influence(tiny.model, tiny.tokenizer, DOCS, edits=[Ablate(heads=[[0, 1], [1, 0]], mode="zero")])
     np.testing.assert_allclose(same.loss_masked, frame.loss_masked, rtol=1e-6)
     assert (frame.influence.abs() > 0).any()
     with pytest.raises(OptionError):

@@ -85,15 +85,21 @@ class Corpus:
         """Yield (first index, input_ids, attention_mask) batches, padded to the longest input."""
         for start in range(0, len(self.samples), batch_size):
             chunk = list(self.samples[start : start + batch_size])  # a streamed file reads its lines here
-            width = max(len(s.ids) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, sample in enumerate(chunk):
-                n = len(sample.ids)
-                cols = slice(width - n, width) if left_pad else slice(0, n)
-                ids[row, cols] = torch.tensor(sample.ids, dtype=torch.long)
-                mask[row, cols] = 1
+            ids, mask = pad_batch([s.ids for s in chunk], pad_id, left_pad)
             yield start, ids.to(device), mask.to(device)
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left_pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), [B, longest] long, of token id rows padded on the left (or right)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, seq in enumerate(rows):
+        n = len(seq)
+        cols = slice(width - n, width) if left_pad else slice(0, n)
+        ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
 
 
 class FileSamples(Sequence):

@@ -25,7 +25,6 @@ whose greedy answer reproduces the needle's number exactly.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import warnings
@@ -39,9 +38,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .corpus import _Tokens, load_corpus, parse_spec
+from .corpus import _Tokens, load_corpus, pad_batch, parse_spec
 from .engine import observe
 from .errors import EditError, OptionError, TaskError
+from .models import greedy_decode, logits_to_keep, position_ids
 
 BUILTIN_TASKS = {"mc_dev": "data/tasks/mc_dev.jsonl", "mc_test": "data/tasks/mc_test.jsonl"}
 DEFAULT_BOOTSTRAP = 2000
@@ -143,7 +143,7 @@ def _parse_item(path: str, number: int, raw: str, index: int) -> TaskItem:
         raise TaskError(f'{where}: "options" has {len(options)} option(s); an item needs at least 2')
     for k, option in enumerate(options):
         if not isinstance(option, str) or not option.strip():
-            raise TaskError(f'{where}: option {k} must be a non-empty string (got {option!r})')
+            raise TaskError(f"{where}: option {k} must be a non-empty string (got {option!r})")
     if isinstance(answer, bool) or not isinstance(answer, int):
         if isinstance(answer, float) and answer.is_integer():
             answer = int(answer)
@@ -245,21 +245,14 @@ def score_token_pairs(
         rows.append((ids, list(cont)))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
     out: list[Continuation | None] = [None] * len(rows)
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     with torch.no_grad(), _engine(model, edits):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            width = max(len(rows[i][0]) for i in chunk)
             tail = max(len(rows[i][1]) for i in chunk)  # positions whose logits are read
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, i in enumerate(chunk):
-                seq = rows[i][0]
-                ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                mask[r, width - len(seq) :] = 1
+            ids, mask = pad_batch([rows[i][0] for i in chunk], pad_id)
             ids, mask = ids.to(device), mask.to(device)
-            kwargs = {"logits_to_keep": tail} if keep else {}
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **kwargs).logits
+            kwargs = logits_to_keep(model, tail)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), **kwargs).logits
             logp = torch.log_softmax(logits[:, -tail:].float(), dim=-1)
             for r, i in enumerate(chunk):
                 cont = rows[i][1]
@@ -270,11 +263,6 @@ def score_token_pairs(
                 greedy = bool((lp.argmax(dim=-1) == target).all())
                 out[i] = Continuation(float(picked.double().sum()), greedy, n)
     return [c for c in out if c is not None]
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (left padding)."""
-    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 def score_options(
@@ -513,30 +501,8 @@ def greedy_answers(
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             steps = max(len(s.info["answer_ids"]) for s in chunk)
-            width = max(len(s.ids) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, s in enumerate(chunk):
-                ids[r, width - len(s.ids) :] = torch.tensor(s.ids, dtype=torch.long)
-                mask[r, width - len(s.ids) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-            res = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, **kwargs)
-            generated = []
-            for t in range(steps):
-                token = res.logits[:, -1].argmax(dim=-1)
-                generated.append(token)
-                if t == steps - 1:
-                    break
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                res = model(
-                    input_ids=token[:, None],
-                    attention_mask=mask,
-                    position_ids=mask.sum(dim=1, keepdim=True) - 1,
-                    past_key_values=res.past_key_values,
-                    use_cache=True,
-                )
-            gen = torch.stack(generated, dim=1).tolist()
+            ids, mask = pad_batch([s.ids for s in chunk], pad_id)
+            gen = greedy_decode(model, ids.to(device), mask.to(device), steps).tolist()
             out += [row[: len(s.info["answer_ids"])] for row, s in zip(gen, chunk, strict=True)]
     return out
 

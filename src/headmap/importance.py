@@ -31,11 +31,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .corpus import Corpus, Sample, load_corpus
+from .corpus import Corpus, Sample, load_corpus, pad_batch
 from .edits import Edit
 from .engine import observe
 from .errors import CorpusError, OptionError
-from .models import max_positions
+from .models import max_positions, position_ids
 
 
 class HeadGate(Edit):
@@ -93,12 +93,7 @@ def _samples(corpus: Any, tokenizer: Any, max_length: int | None, limit: int | N
 
 
 def _batch(samples: Sequence[Sample], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s.ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for r, s in enumerate(samples):
-        ids[r, width - len(s.ids) :] = torch.tensor(s.ids, dtype=torch.long)
-        mask[r, width - len(s.ids) :] = 1
+    ids, mask = pad_batch([s.ids for s in samples], pad_id)
     return ids.to(device), mask.to(device)
 
 
@@ -121,8 +116,7 @@ def per_input_loss(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """[B] mean next-token cross-entropy of each input over the targets ``weights`` selects."""
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
     ).view(ids.shape[0], -1)

@@ -41,14 +41,12 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "headmap.lm_eval_adapter needs lm-evaluation-harness: pip install 'headmap[lm-eval]'"
-    ) from exc
+    raise ImportError("headmap.lm_eval_adapter needs lm-evaluation-harness: pip install 'headmap[lm-eval]'") from exc
 
 from .corpus import _Tokens
 from .engine import observe
-from .evaluate import DEFAULT_BATCH_SIZE, _pad_id, _prefix_id, build_edits, encode_pair, positions, score_token_pairs
-from .models import LoadedModel, load_model, wrap_model
+from .evaluate import DEFAULT_BATCH_SIZE, _pad_id, _prefix_id, build_edits, encode_pair, score_token_pairs
+from .models import LoadedModel, load_model, position_ids, wrap_model
 
 DEFAULT_GEN_TOKENS = 256
 
@@ -171,7 +169,7 @@ class HeadmapLM(LM):
         with torch.no_grad(), observe(self.model, edits=tuple(self.edits)):
             x = torch.tensor([ids], device=self._device)
             mask = torch.ones_like(x)
-            res = self.model(input_ids=x, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+            res = self.model(input_ids=x, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
             for _ in range(max_new):
                 token = int(res.logits[0, -1].argmax())
                 if eos is not None and token == eos:

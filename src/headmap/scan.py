@@ -44,7 +44,7 @@ from .corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from .engine import CONFIG as ENGINE_CONFIG
 from .engine import check_supported, observe
 from .errors import HeadmapError, NumericalError, OptionError, OutputError, ProbeError, ScanInterrupted
-from .models import LoadedModel, load_model, wrap_model
+from .models import LoadedModel, load_model, logits_to_keep, position_ids, wrap_model
 from .probes import Probe, RepeatProbe, default_probe_names, make_probes, supports_state
 from .probes.base import Batch
 
@@ -540,7 +540,7 @@ def scan(
 
     params = inspect.signature(model_obj.forward).parameters
     takes_positions = "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    takes_logits_to_keep = "logits_to_keep" in params
+    last_logits = logits_to_keep(model_obj)  # probes read attention, not the [B, T, V] logits
     layer_list = _layer_list(model_obj) if any(p.needs_hidden_norms for p in probe_objs) else None
     norms = _HiddenNorms(layer_list) if layer_list is not None else None
     need_hidden = any(p.needs_hidden_states for p in probe_objs) or (
@@ -579,12 +579,11 @@ def scan(
                                     p.run(model_obj, batch, session)
                             else:
                                 extra = {"output_hidden_states": True} if need_hidden else {}
-                                if takes_logits_to_keep:
-                                    extra["logits_to_keep"] = 1  # probes read attention, not the [B, T, V] logits
+                                extra.update(last_logits)
                                 if loaded.is_causal and takes_positions:
                                     # left padding: count positions from each input's first real token, as
                                     # generate() does, so an input's numbers do not depend on its batch
-                                    extra["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+                                    extra["position_ids"] = position_ids(mask)
                                 if norms is not None and any(p.needs_hidden_norms for p in group.probes):
                                     with norms:
                                         outputs = model_obj(input_ids=ids, attention_mask=mask, **extra)  # commits

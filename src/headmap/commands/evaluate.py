@@ -276,7 +276,7 @@ def tune_command(
 
     templates = list(edit_template or [])
     if not templates:
-        raise OptionError('tune needs at least one --edit-template, e.g. scale_first_token:heads=[[0,1]]:factor={f}')
+        raise OptionError("tune needs at least one --edit-template, e.g. scale_first_token:heads=[[0,1]]:factor={f}")
     try:
         factors = [float(x) for x in grid.split(",") if x.strip()]
     except ValueError:

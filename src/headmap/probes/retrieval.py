@@ -25,15 +25,16 @@ See docs/methods/retrieval.md.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..corpus import pad_batch
 from ..engine.block import Block
 from ..errors import ProbeError
+from ..models import greedy_decode, logits_to_keep, position_ids
 from .base import Batch, HeadMeanProbe, HeadStats
 
 MODES = ("generate", "teacher")
@@ -96,43 +97,22 @@ class RetrievalProbe(HeadMeanProbe):
         self._argmax = {}
         if self.mode == "teacher":
             rows = [list(s.ids) + a for s, a in zip(samples, answers, strict=True)]
-            width = max(len(r) for r in rows)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for b, r in enumerate(rows):  # left padding, so the answers end at the last column
-                ids[b, width - len(r) :] = torch.tensor(r)
-                mask[b, width - len(r) :] = 1
+            ids, mask = pad_batch(rows, 0)  # left padding, so the answers end at the last column
             ids, mask = ids.to(device), mask.to(device)
+            width = ids.shape[1]
             # query at position width - 1 - (len(a) - t) predicts answer token t of row b
             self._want = (width - 1 - steps, width - 1)
-            model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), **_last_logits(model))
-            emitted = torch.tensor([[0] * (steps - len(a)) + a for a in answers])  # right-aligned
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), **logits_to_keep(model))
             start = [width - len(r) for r in rows]
             query_pos = [list(range(width - 1 - len(a), width - 1)) for a in answers]
-            emitted_rows = [emitted[b, steps - len(a) :].tolist() for b, a in enumerate(answers)]
+            emitted_rows = answers
         else:
-            ids, mask = batch.input_ids, batch.attention_mask
-            width = ids.shape[1]
-            generated = []
-            self._want = (width - 1, width)
-            out = model(
-                input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, **_last_logits(model)
-            )
-            for t in range(steps):
-                token = out.logits[:, -1].argmax(dim=-1)
-                generated.append(token)
-                if t == steps - 1:
-                    break
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                self._want = (width + t, width + t + 1)
-                out = model(
-                    input_ids=token[:, None],
-                    attention_mask=mask,
-                    position_ids=mask.sum(dim=1, keepdim=True) - 1,
-                    past_key_values=out.past_key_values,
-                    use_cache=True,
-                )
-            gen = torch.stack(generated, dim=1).tolist()  # [B, steps]
+            width = batch.input_ids.shape[1]
+
+            def want(k: int) -> None:  # forward k reads the query at column width - 1 + k
+                self._want = (width - 1 + k, width + k)
+
+            gen = greedy_decode(model, batch.input_ids, batch.attention_mask, steps, before_forward=want).tolist()
             start = [width - len(s.ids) for s in samples]
             query_pos = [list(range(width - 1, width - 1 + len(a))) for a in answers]
             emitted_rows = [gen[b][: len(a)] for b, a in enumerate(answers)]
@@ -174,13 +154,3 @@ class RetrievalProbe(HeadMeanProbe):
         super().load_state_dict(state)
         counts = np.asarray(state.get("instances", np.zeros(2)), dtype=np.int64).reshape(-1)
         self.instances, self.reproduced = int(counts[0]), int(counts[1])
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (left padding)."""
-    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def _last_logits(model: torch.nn.Module) -> dict[str, int]:
-    """``logits_to_keep=1`` where the model takes it: only the last position's logits are read."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
