@@ -43,6 +43,12 @@ def test_probe_parameters_from_names():
         make_probes("waad:20")
     with pytest.raises(ProbeError, match="whole number of tokens >= 1"):
         make_probes("waad:window=0")
+    with pytest.raises(ProbeError, match="probe waad sets window twice"):
+        make_probes("waad:window=3:window=4")
+    (span,) = make_probes('span:key="Answer: yes, no":query=[0,2]')  # quotes and brackets keep : and ,
+    assert span.key == "Answer: yes, no" and list(span.query) == [0, 2]
+    with pytest.raises(ProbeError, match="unclosed quote"):
+        make_probes('span:key="Answer')
     with pytest.raises(ProbeError, match="named twice"):
         make_probes("waad,waad:window=3")
     with pytest.raises(ProbeError, match="unknown probe 'attention'"):

@@ -8,11 +8,11 @@ syntax of ``headmap steer --edit``, documented in docs/steering.md).
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Iterable
 from typing import Any
 
 from ..errors import EditError
+from ..specs import parse_options, split_top
 from .ablate import Ablate
 from .base import Edit, model_shape
 from .first_token import ScaleFirstToken
@@ -32,50 +32,6 @@ EDITS: dict[str, type[Edit]] = {
 _NOT_IN_SPECS = {"self", "atlas", "means"}
 
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside brackets and quotes."""
-    parts, current, depth, quote = [], [], 0, None
-    for ch in text:
-        if quote:
-            current.append(ch)
-            if ch == quote:
-                quote = None
-            continue
-        if ch in "\"'":
-            quote = ch
-        elif ch in "[(":
-            depth += 1
-        elif ch in "])":
-            depth -= 1
-        if ch == sep and depth <= 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    if quote:
-        raise EditError(f"edit spec {text!r} has an unclosed quote ({quote})")
-    parts.append("".join(current))
-    return parts
-
-
-def _value(text: str) -> Any:
-    text = text.strip()
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    if len(text) >= 2 and text[0] == text[-1] == "'":
-        return text[1:-1]
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"):
-        return float(lowered)  # so that the edit says the number must be finite
-    return text
-
-
 def spec_parameters(cls: type[Edit]) -> list[str]:
     """Names a spec may set for an edit class."""
     return [p for p in inspect.signature(cls.__init__).parameters if p not in _NOT_IN_SPECS]
@@ -85,23 +41,13 @@ def parse_edit(spec: str, atlas: Any = None) -> Edit:
     """One edit from ``name:key=value:key=value`` (values are JSON or bare words)."""
     if not isinstance(spec, str) or not spec.strip():
         raise EditError(f"empty edit spec; choose from: {', '.join(EDITS)}")
-    name, *options = _split_top(spec.strip(), ":")
+    name, *options = split_top(spec.strip(), ":", EditError)
     name = name.strip()
     if name not in EDITS:
         raise EditError(f"unknown edit {name!r}; choose from: {', '.join(EDITS)}")
     cls = EDITS[name]
     settable = spec_parameters(cls)
-    kwargs: dict[str, Any] = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise EditError(f"edit option {option!r} of {name} is not key=value (e.g. {name}:heads=[[0,1]])")
-        if key not in settable:
-            raise EditError(f"edit {name} has no parameter {key!r}; its parameters: {', '.join(settable)}")
-        if key in kwargs:
-            raise EditError(f"edit {name} sets {key} twice")
-        kwargs[key] = _value(value)
+    kwargs = parse_options("edit", name, options, settable, EditError, f"{name}:heads=[[0,1]]")
     try:
         return cls(**kwargs, atlas=atlas)
     except TypeError as exc:
@@ -124,7 +70,7 @@ def make_edits(specs: str | Edit | Iterable[str | Edit], atlas: Any = None) -> l
                 item.atlas = atlas
             edits.append(item)
         elif isinstance(item, str):
-            edits.extend(parse_edit(part, atlas=atlas) for part in _split_top(item, ",") if part.strip())
+            edits.extend(parse_edit(part, atlas=atlas) for part in split_top(item, ",", EditError) if part.strip())
         else:
             raise EditError(f"an edit is a spec string or an Edit object, got {type(item).__name__}")
     if not edits:

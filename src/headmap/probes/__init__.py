@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
 
 from ..errors import ProbeError
+from ..specs import parse_options, split_top
 from .attention_maps import AttentionMapsProbe
 from .base import HeadMeanProbe, HeadStats, Probe, supports_state
 from .duplicate_token import DuplicateTokenProbe, RepeatProbe
@@ -47,51 +46,15 @@ PROBES: dict[str, type[Probe]] = {
 }
 
 
-def _split_names(text: str) -> list[str]:
-    """Split ``a,b:k=[1,2],c`` on the commas outside brackets."""
-    parts, depth, current = [], 0, []
-    for ch in text:
-        if ch in "[(":
-            depth += 1
-        elif ch in "])":
-            depth -= 1
-        if ch == "," and depth <= 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        lowered = text.strip().lower()
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        return text.strip()
-
-
 def _build(spec: str) -> Probe:
-    """One probe from ``name`` or ``name:key=value:key=value`` (values in JSON, or bare strings)."""
-    name, *options = spec.split(":")
+    """One probe from ``name`` or ``name:key=value:key=value`` (values in JSON, or bare words)."""
+    name, *options = split_top(spec, ":", ProbeError)
     name = name.strip()
     if name not in PROBES:
         raise ProbeError(f"unknown probe {name!r}; choose from: {', '.join(sorted(PROBES))}")
     cls = PROBES[name]
     settable = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
-    kwargs: dict[str, Any] = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ProbeError(f"probe option {option!r} of {name} is not key=value (e.g. waad:window=20)")
-        if key not in settable:
-            have = ", ".join(settable) or "none"
-            raise ProbeError(f"probe {name} has no parameter {key!r}; its parameters: {have}")
-        kwargs[key] = _parse_value(value)
+    kwargs = parse_options("probe", name, options, settable, ProbeError, "waad:window=20")
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -105,7 +68,7 @@ def make_probes(names: str | list[str]) -> list[Probe]:
     ``sinks:tau=0.3:ratio=10`` (values are JSON: numbers, true/false, [lists], or bare strings).
     """
     if isinstance(names, str):
-        names = _split_names(names)
+        names = [n.strip() for n in split_top(names, ",", ProbeError)]
     names = [n.strip() for n in names if n and n.strip()]
     if not names:
         raise ProbeError(f"no probe named; choose from: {', '.join(sorted(PROBES))}")
