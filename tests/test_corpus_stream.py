@@ -14,9 +14,9 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import headmap
-from headmap.checkpoint import corpus_signature
 from headmap.corpus import Corpus, FileSamples, Sample, load_corpus
 from headmap.errors import CorpusError
+from headmap.scan.checkpoint import corpus_signature
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
 

@@ -14,7 +14,7 @@ import torch
 from headmap.corpus import Corpus, Sample
 from headmap.edits import Edit
 from headmap.errors import OptionError, TaskError
-from headmap.evaluate import (
+from headmap.evaluation import (
     BUILTIN_TASKS,
     Task,
     TaskItem,
@@ -214,7 +214,7 @@ def test_needle_accuracy_on_given_needles(tiny):
     """Needles whose answer is what the model generates anyway count as right; others do not."""
     prompts = [[101, 2023, 2003, 1037], [101, 2178, 7953], [101, 1996, 2034, 2171, 2003]]
     pad = tiny.tokenizer.pad_token_id
-    from headmap.evaluate import greedy_answers
+    from headmap.evaluation import greedy_answers
 
     samples = [Sample(p, {"answer_ids": [0, 0, 0]}) for p in prompts]
     generated = greedy_answers(tiny.model, samples, pad, batch_size=2)

@@ -11,7 +11,7 @@ from headmap.corpus import Sample
 from headmap.edits import Ablate
 from headmap.engine import observe
 from headmap.errors import OptionError
-from headmap.importance import attention_influence, gate_gradients, gated_losses, head_importance
+from headmap.evaluation.importance import attention_influence, gate_gradients, gated_losses, head_importance
 from headmap.models import load_model
 
 DOCS = [

@@ -286,7 +286,7 @@ def test_ablating_the_induction_head_removes_in_context_copying(trained, eval_id
     assert model.config._attn_implementation == "sdpa"  # the session put the model back
 
 
-# -- importance and retrieval accuracy (headmap.importance, headmap.evaluate) ---------------------------
+# -- importance and retrieval accuracy (headmap.evaluation) ---------------------------
 
 
 def _second_copy(ids: torch.Tensor) -> list:
@@ -303,7 +303,7 @@ def test_importance_finds_the_planted_circuit(trained, eval_ids, atlas):
     is larger is not a property of the model. The induction head is one of the two, and both stand far above
     every pruned head, by ablation and by gradient importance.
     """
-    from headmap.importance import head_importance
+    from headmap.evaluation.importance import head_importance
 
     frame = head_importance(trained.model, None, _second_copy(eval_ids), batch_size=8)
     assert trained.model.config._attn_implementation == "sdpa"
@@ -330,7 +330,7 @@ def test_ablating_the_induction_head_stops_retrieval(trained, eval_ids, atlas):
     and does not move when as many random other heads are zeroed."""
     from headmap.corpus import Corpus
     from headmap.edits import Ablate
-    from headmap.evaluate import needle_accuracy, random_like
+    from headmap.evaluation import needle_accuracy, random_like
 
     m, k = 4, 5
     samples = []

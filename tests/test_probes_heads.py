@@ -89,7 +89,7 @@ def batch(kind: str, which: str):
     return repeat_inputs([0, 5, 2, 3], side, REPEAT_N, offset_for(kind))
 
 
-# -- brute force, from the definitions in METHODS.md (no probe code) -------------------------
+# -- brute force, from the definitions in docs/methods/ (no probe code) -------------------------
 
 
 def bf_entropy(a, causal):

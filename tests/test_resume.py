@@ -24,9 +24,9 @@ from test_cli import assert_one_line_error, run
 from transformers import LlamaForCausalLM
 
 import headmap
-from headmap import checkpoint
 from headmap.errors import OptionError, OutputError, ScanInterrupted
 from headmap.probes import PROBES, HeadStats, make_probes, supports_state
+from headmap.scan import checkpoint
 
 REPEATS = {
     "probes": "sink,entropy,mean_distance,waad,prev_token,duplicate_token,induction",

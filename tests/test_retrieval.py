@@ -5,7 +5,7 @@ times in the prompt and heads do "copy" by the paper's criterion (argmax key ins
 holding the emitted token). In ``generate`` mode the answer is set to the model's own greedy
 continuation (so every input counts as reproduced) and in ``teacher`` mode to fixed tokens; both
 must equal a brute force that decodes without a KV cache, reads eager attentions of the last row,
-and applies the definition of METHODS.md directly. A prompt of a different length in the same batch
+and applies the definition of docs/methods/retrieval.md directly. A prompt of a different length in the same batch
 checks left padding and positions; a small engine budget splits the prefill into several blocks.
 """
 

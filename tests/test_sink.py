@@ -45,7 +45,7 @@ def test_sink_equals_brute_force(kind):
 
 
 def test_sink_rows_are_inputs_not_blocks():
-    """Each input weighs the same whatever its length (METHODS.md: average within, then across)."""
+    """Each input weighs the same whatever its length (docs/methods/README.md: average within, then across)."""
     model, side = tiny("llama")
     ids, mask = padded_batch([3, 15], side)
     probe = SinkProbe()

@@ -9,6 +9,7 @@ it did not write.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import tempfile
@@ -20,12 +21,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import CHECKPOINT_DIR, progress_summary
 from .errors import OutputError
+from .rundir import check_output_folder, write_text
 
 FORMAT = "headmap-atlas/1"
-#: Every file (or folder) headmap may write into a run folder; nothing else is ever removed.
-RUN_FILES = ("heads.parquet", "tokens.parquet", "maps.parquet", "meta.json", "report.html", CHECKPOINT_DIR)
 
 HEADS_SCHEMA = pa.schema(
     [
@@ -109,7 +108,7 @@ class Atlas:
         if overwrite and (folder / "report.html").is_file():
             (folder / "report.html").unlink()  # the report of the run being replaced
         meta = dict(self.meta, format=FORMAT)
-        written.append(_write_text(folder / "meta.json", json.dumps(meta, indent=2, default=str) + "\n"))
+        written.append(write_text(folder / "meta.json", json.dumps(meta, indent=2, default=str) + "\n"))
         return written
 
     @classmethod
@@ -144,42 +143,7 @@ class Atlas:
 
     def _repr_html_(self) -> str:
         """Compact summary for notebooks: model, shape, probes and top heads (every string escaped)."""
-        from .report import summary_html
-
         return summary_html(self)
-
-
-def check_output_folder(folder: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse a folder that holds another run (unless ``overwrite``) or that is not a folder.
-
-    An interrupted scan (a ``.headmap-checkpoint`` folder) counts as a run. With ``resume`` the
-    run in the folder is not refused here: the scan compares it with itself before it starts.
-    """
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"--out {folder} is a file, not a folder; choose a folder path")
-    if not folder.exists():
-        parent = folder.resolve().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not os.access(parent, os.W_OK):
-            raise OutputError(f"cannot create --out {folder}: {parent} is not writable")
-        return
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"--out {folder} is not writable; choose another folder")
-    if overwrite or resume:
-        return
-    if (folder / CHECKPOINT_DIR).exists():
-        done = progress_summary(folder)
-        raise OutputError(
-            f"--out {folder} holds an interrupted scan ({CHECKPOINT_DIR}{', ' + done if done else ''}); "
-            "pass --resume to continue it, --overwrite to start over, or choose another folder"
-        )
-    ours = [name for name in RUN_FILES if (folder / name).exists()]
-    if ours:
-        raise OutputError(
-            f"--out {folder} already holds a headmap run ({', '.join(ours)}); pass --overwrite to replace "
-            "it or choose another folder"
-        )
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame, schema: pa.Schema) -> Path:
@@ -195,13 +159,32 @@ def _write_parquet(path: Path, frame: pd.DataFrame, schema: pa.Schema) -> Path:
     return path
 
 
-def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def summary_html(atlas: Atlas, k: int = 3) -> str:
+    """Compact HTML summary of an atlas (model, shape, probes, top heads); every string escaped."""
+    e = html.escape
+    meta = atlas.meta
+    arch = meta.get("architecture") or {}
+    corpus = meta.get("corpus") or {}
+    shape = f"{arch.get('layers', '?')} layers x {arch.get('heads', '?')} heads"
+    if arch.get("kv_heads"):
+        shape += f" ({arch['kv_heads']} kv)"
+    probes = list(meta.get("probes") or dict.fromkeys(atlas.heads["probe"].astype(str)))
+    lines = [
+        '<div class="headmap-atlas" style="font-family:sans-serif;font-size:13px">',
+        f"<b>{e(str(meta.get('model', 'headmap atlas')))}</b> &middot; {e(str(arch.get('model_type', '')))}, "
+        f"{e(shape)}, {e(str(meta.get('dtype', '')))}<br>",
+        f"corpus {e(str(corpus.get('name', '-')))}: {e(str(corpus.get('inputs', '-')))} inputs, "
+        f"{e(str(corpus.get('tokens', '-')))} tokens<br>",
+        f"probes: {e(', '.join(str(p) for p in probes))}<br>",
+        f"tables: heads {len(atlas.heads):,} rows, tokens {len(atlas.tokens):,}, maps {len(atlas.maps):,}",
+    ]
+    own = atlas.heads[atlas.heads["probe"].astype(str) == atlas.heads["metric"].astype(str)]
+    if len(own):
+        lines.append('<table style="margin-top:4px"><tr><th>probe</th><th>top heads (layer.head: value)</th></tr>')
+        for probe in dict.fromkeys(own["probe"].astype(str)):
+            top = atlas.top(probe, k=k)
+            cells = ", ".join(f"L{int(r.layer)}.H{int(r.head)}: {float(r.value):.3g}" for r in top.itertuples())
+            lines.append(f"<tr><td>{e(probe)}</td><td>{e(cells)}</td></tr>")
+        lines.append("</table>")
+    lines.append("</div>")
+    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 A probe receives blocks of complete attention rows from the engine (``update``) and keeps sums
 and counts only, so that batches, inputs and processes merge exactly (``merge``). Scores follow
-METHODS.md: first averaged within an input, then across inputs, each input weighing the same;
+docs/methods/README.md: first averaged within an input, then across inputs, each input weighing the same;
 every score carries its number of inputs ``n`` and the standard error of the mean over inputs.
 
 ``state_dict()`` / ``load_state_dict(state)`` save and restore the committed totals as plain

@@ -6,7 +6,7 @@ attends to the token that followed it, i - n + 1:
 
     induction[l, h] = mean over inputs of ( mean over i in [offset + n + 1, offset + 2n) of A[i, i - n + 1] )
 
-The first token of the second copy is not counted (METHODS.md), nor are tokens after the
+The first token of the second copy is not counted (docs/methods/induction.md), nor are tokens after the
 second copy. A perfect induction head scores 1. Needs n >= 2.
 
 Olsson et al. 2022, "In-context Learning and Induction Heads" (prefix matching on repeated

@@ -9,7 +9,7 @@ query heads of the layer. The row with layer = -1 is the mean of received[l](j) 
 Tokens no query can see (the last token of a causal input) have no value and get no row.
 
 This is the basis of attention sinks (``sinks``) and of Future Attention Influence (``fai``);
-see METHODS.md (token-level table) and docs/methods/received.md.
+see docs/methods/received.md.
 
 The module also holds :class:`TokenProbe`, the base of the token-level probes: per input it keeps
 arrays over the input's positions (one per layer at most), never a T x T array.

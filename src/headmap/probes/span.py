@@ -10,7 +10,7 @@ When an input has no span called ``query`` and the probe reads the default name,
 after R (the question that follows a document). A head whose queries in S put all their attention
 on R scores 1.
 
-METHODS.md lists it as the building block of contextual heads ("Focus Directions"), vision-aware
+docs/methods/span.md describes it as the building block of contextual heads ("Focus Directions"), vision-aware
 heads (VAS, "From Narrow to Panoramic Vision") and VHD, with the context or the image as R.
 See docs/methods/span.md.
 

@@ -23,8 +23,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..atlas import Atlas, _write_text
+from ..atlas import Atlas, summary_html
 from ..errors import OutputError
+from ..rundir import write_text
 from .data import report_data
 
 __all__ = ["report_data", "report_html", "summary_html", "write_report"]
@@ -168,7 +169,7 @@ def write_report(
         raise OutputError(f"cannot write {target}: folder {target.parent} does not exist")
     page = report_html(atlas)
     try:
-        written = [_write_text(target, page)]
+        written = [write_text(target, page)]
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
     if png_dir is not None:
@@ -176,34 +177,3 @@ def write_report(
 
         written += write_pngs(atlas, Path(png_dir))
     return written
-
-
-def summary_html(atlas: Atlas, k: int = 3) -> str:
-    """Compact HTML summary of an atlas (model, shape, probes, top heads); every string escaped."""
-    e = html.escape
-    meta = atlas.meta
-    arch = meta.get("architecture") or {}
-    corpus = meta.get("corpus") or {}
-    shape = f"{arch.get('layers', '?')} layers x {arch.get('heads', '?')} heads"
-    if arch.get("kv_heads"):
-        shape += f" ({arch['kv_heads']} kv)"
-    probes = list(meta.get("probes") or dict.fromkeys(atlas.heads["probe"].astype(str)))
-    lines = [
-        '<div class="headmap-atlas" style="font-family:sans-serif;font-size:13px">',
-        f"<b>{e(str(meta.get('model', 'headmap atlas')))}</b> &middot; {e(str(arch.get('model_type', '')))}, "
-        f"{e(shape)}, {e(str(meta.get('dtype', '')))}<br>",
-        f"corpus {e(str(corpus.get('name', '-')))}: {e(str(corpus.get('inputs', '-')))} inputs, "
-        f"{e(str(corpus.get('tokens', '-')))} tokens<br>",
-        f"probes: {e(', '.join(str(p) for p in probes))}<br>",
-        f"tables: heads {len(atlas.heads):,} rows, tokens {len(atlas.tokens):,}, maps {len(atlas.maps):,}",
-    ]
-    own = atlas.heads[atlas.heads["probe"].astype(str) == atlas.heads["metric"].astype(str)]
-    if len(own):
-        lines.append('<table style="margin-top:4px"><tr><th>probe</th><th>top heads (layer.head: value)</th></tr>')
-        for probe in dict.fromkeys(own["probe"].astype(str)):
-            top = atlas.top(probe, k=k)
-            cells = ", ".join(f"L{int(r.layer)}.H{int(r.head)}: {float(r.value):.3g}" for r in top.itertuples())
-            lines.append(f"<tr><td>{e(probe)}</td><td>{e(cells)}</td></tr>")
-        lines.append("</table>")
-    lines.append("</div>")
-    return "\n".join(lines)

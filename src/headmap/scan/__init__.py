@@ -38,15 +38,16 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..atlas import HEADS_SCHEMA, MAPS_SCHEMA, TOKENS_SCHEMA, Atlas, empty_frame
+from ..corpus import DEFAULT_CORPUS, Corpus, load_corpus
+from ..engine import CONFIG as ENGINE_CONFIG
+from ..engine import check_supported, observe
+from ..errors import HeadmapError, NumericalError, OptionError, OutputError, ProbeError, ScanInterrupted
+from ..models import LoadedModel, load_model, logits_to_keep, position_ids, wrap_model
+from ..probes import Probe, RepeatProbe, default_probe_names, make_probes, supports_state
+from ..probes.base import Batch
+from ..rundir import CHECKPOINT_DIR, check_output_folder
 from . import checkpoint
-from .atlas import HEADS_SCHEMA, MAPS_SCHEMA, TOKENS_SCHEMA, Atlas, check_output_folder, empty_frame
-from .corpus import DEFAULT_CORPUS, Corpus, load_corpus
-from .engine import CONFIG as ENGINE_CONFIG
-from .engine import check_supported, observe
-from .errors import HeadmapError, NumericalError, OptionError, OutputError, ProbeError, ScanInterrupted
-from .models import LoadedModel, load_model, logits_to_keep, position_ids, wrap_model
-from .probes import Probe, RepeatProbe, default_probe_names, make_probes, supports_state
-from .probes.base import Batch
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -664,7 +665,7 @@ def scan(
             except Exception as save_error:  # e.g. a full disk: say so, keep the original exception
                 warnings.warn(f"could not write the checkpoint into {out_dir}: {save_error}", stacklevel=2)
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, ScanInterrupted):
-            kept = on_disk > 0 and (out_dir / checkpoint.CHECKPOINT_DIR).exists()
+            kept = on_disk > 0 and (out_dir / CHECKPOINT_DIR).exists()
             signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
             raise ScanInterrupted(on_disk, len(data), str(out_dir) if kept else None, int(signum)) from None
         raise

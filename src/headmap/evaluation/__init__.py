@@ -38,10 +38,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .corpus import _Tokens, load_corpus, pad_batch, parse_spec
-from .engine import observe
-from .errors import EditError, OptionError, TaskError
-from .models import greedy_decode, logits_to_keep, position_ids
+from ..corpus import _Tokens, load_corpus, pad_batch, parse_spec
+from ..engine import observe
+from ..errors import EditError, OptionError, TaskError
+from ..models import greedy_decode, logits_to_keep, position_ids
 
 BUILTIN_TASKS = {"mc_dev": "data/tasks/mc_dev.jsonl", "mc_test": "data/tasks/mc_test.jsonl"}
 DEFAULT_BOOTSTRAP = 2000
@@ -571,11 +571,11 @@ def build_edits(specs: Iterable[Any], atlas: Any = None, tokenizer: Any = None) 
     specs = list(specs)
     if not specs:
         return []
-    from .edits import make_edits
+    from ..edits import make_edits
 
     edits = make_edits(specs, atlas=atlas)
     if tokenizer is not None:
-        from .steer import prepare
+        from ..steer import prepare
 
         prepare(edits, tokenizer)  # text-file references of mean ablation
     return edits
@@ -596,7 +596,7 @@ def random_like(edits: Sequence, model: torch.nn.Module, seed: int) -> list:
     model's heads that no edit of ``edits`` touches: the control for "these heads matter"."""
     for e in edits:
         if getattr(e, "heads", None) is None and getattr(e, "heads_rule", None) is not None:
-            from .edits import Edit
+            from ..edits import Edit
 
             Edit.bind(e, model)  # resolve the heads rule against the atlas
     named = [e for e in edits if getattr(e, "heads", None) is not None]

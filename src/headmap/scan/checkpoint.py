@@ -38,11 +38,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from .errors import OutputError
+from ..errors import OutputError
+from ..rundir import CHECKPOINT_DIR, PROGRESS_FILE
 
-CHECKPOINT_DIR = ".headmap-checkpoint"
 STATE_FILE = "checkpoint.npz"
-PROGRESS_FILE = "progress.json"
 FORMAT = "headmap-checkpoint/1"
 DEFAULT_EVERY_S = 30.0
 
@@ -276,15 +275,6 @@ def write(
     _atomic_write(target / STATE_FILE, lambda fh: np.savez(fh, **arrays))
     _atomic_write(target / PROGRESS_FILE, lambda fh: fh.write(text.encode("utf-8")))
     return target
-
-
-def progress_summary(folder: Path) -> str | None:
-    """'12 of 40 inputs' from a checkpoint's progress.json, or None when it cannot be read."""
-    try:
-        progress = json.loads((Path(folder) / CHECKPOINT_DIR / PROGRESS_FILE).read_text(encoding="utf-8"))
-        return f"{int(progress['inputs_done'])} of {int(progress['inputs_total'])} inputs done"
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def read(folder: Path) -> Checkpoint | None:

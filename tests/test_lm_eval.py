@@ -10,7 +10,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install headmap[lm-eval])")
 
-from headmap.evaluate import evaluate, load_task, score_options  # noqa: E402
+from headmap.evaluation import evaluate, load_task, score_options  # noqa: E402
 from headmap.models import load_model  # noqa: E402
 
 ITEMS = [
@@ -76,7 +76,7 @@ def task_dir(tmp_path_factory) -> Path:
 def run(task_dir: Path, model_args: dict, tasks: list[str]) -> dict:
     from lm_eval.tasks import TaskManager
 
-    import headmap.lm_eval_adapter  # noqa: F401  (registers the model type)
+    import headmap.evaluation.lm_eval  # noqa: F401  (registers the model type)
 
     return lm_eval.simple_evaluate(
         model="headmap",
@@ -123,7 +123,7 @@ def test_headmap_model_type_scores_a_local_task(task_dir, tiny_llama_dir):
 def test_rolling_loglikelihood_and_generation(task_dir, tiny_llama_dir):
     from lm_eval.api.instance import Instance
 
-    import headmap.lm_eval_adapter as adapter
+    import headmap.evaluation.lm_eval as adapter
 
     results = run(task_dir, {"pretrained": str(tiny_llama_dir), "max_length": 8}, ["headmap_tiny_ppl"])
     assert np.isfinite(results["results"]["headmap_tiny_ppl"]["word_perplexity,none"])
@@ -134,7 +134,7 @@ def test_rolling_loglikelihood_and_generation(task_dir, tiny_llama_dir):
     wide = adapter.HeadmapLM(pretrained=model.lm, max_length=64)
     once = wide.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])[0]
     assert np.isfinite(rolled) and np.isfinite(once) and rolled != once  # less context per token
-    from headmap.evaluate import score_token_pairs
+    from headmap.evaluation import score_token_pairs
 
     tokens = model._toks.plain(text)
     prefix = model.eot_token_id if model.tokenizer.bos_token_id is None else model.tokenizer.bos_token_id

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CorpusError
+from ..errors import CorpusError
 
 BUILTIN_CORPORA = ("text", "repeats", "needle", "items")
 DEFAULT_CORPUS = "text"

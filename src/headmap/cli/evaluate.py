@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..cli import app, console
+from .app import app, console
 
 EDIT_HELP = (
     "an edit as NAME:key=value:key=value (repeat --edit for several), e.g. ablate:heads=[[18,6]]:mode=zero or "
@@ -116,7 +116,7 @@ def eval_command(
     """
     from ..corpus import parse_spec
     from ..errors import OptionError
-    from ..evaluate import (
+    from ..evaluation import (
         DEFAULT_BATCH_SIZE,
         build_edits,
         compare,
@@ -228,7 +228,7 @@ def eval_command(
 
 
 def _pad(tokenizer: Any) -> int:
-    from ..evaluate import _pad_id
+    from ..evaluation import _pad_id
 
     return _pad_id(tokenizer)
 
@@ -272,7 +272,7 @@ def tune_command(
     import math
 
     from ..errors import OptionError
-    from ..evaluate import build_edits, load_task, tune
+    from ..evaluation import build_edits, load_task, tune
 
     templates = list(edit_template or [])
     if not templates:

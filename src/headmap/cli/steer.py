@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ..cli import app, console
+from .app import app, console
 
 EDIT_HELP = (
     "an edit as NAME:key=value:key=value (values JSON or bare words; repeat --edit for several). Names: ablate "

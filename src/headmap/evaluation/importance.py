@@ -1,4 +1,4 @@
-"""Head importance (METHODS.md ``importance``) and AttentionInfluence.
+"""Head importance (docs/methods/importance.md) and AttentionInfluence.
 
 Every head h of every layer gets a gate xi_h that multiplies its output before the heads are merged
 (o'_h = xi_h o_h, inside the headmap engine, as an :class:`~headmap.edits.Edit`). With the gates at
@@ -31,11 +31,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .corpus import Corpus, Sample, load_corpus, pad_batch
-from .edits import Edit
-from .engine import observe
-from .errors import CorpusError, OptionError
-from .models import max_positions, position_ids
+from ..corpus import Corpus, Sample, load_corpus, pad_batch
+from ..edits import Edit
+from ..engine import observe
+from ..errors import CorpusError, OptionError
+from ..models import max_positions, position_ids
 
 
 class HeadGate(Edit):
@@ -59,7 +59,7 @@ class HeadGate(Edit):
 
 
 def _shape(model: torch.nn.Module) -> tuple[int, int]:
-    from .edits import model_shape
+    from ..edits import model_shape
 
     return model_shape(model)
 

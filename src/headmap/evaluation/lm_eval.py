@@ -3,7 +3,7 @@
 Needs the optional extra: ``pip install headmap[lm-eval]``. Importing this module registers the
 model type (``lm_eval.api.registry.register_model("headmap")``)::
 
-    import lm_eval, headmap.lm_eval_adapter
+    import lm_eval, headmap.evaluation.lm_eval
     lm_eval.simple_evaluate(
         model="headmap",
         model_args={"pretrained": "smollm2", "edits": ["ablate:heads=[[18,6]]:mode=zero"]},
@@ -17,7 +17,7 @@ objects; none: the unedited model under the engine), ``atlas`` (a run folder of 
 for heads rules), ``batch_size``, ``max_length``, ``dtype``, ``device``.
 
 On the harness's command line, import the module first (``python -c "import
-headmap.lm_eval_adapter, lm_eval.__main__ as m; m.cli_evaluate()" run --model headmap ...``)
+headmap.evaluation.lm_eval, lm_eval.__main__ as m; m.cli_evaluate()" run --model headmap ...``)
 and pass edits with commas as JSON: ``--model_args '{"pretrained": "smollm2", "edits":
 "ablate:heads=[[18,6]]"}'``.
 
@@ -41,12 +41,12 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("headmap.lm_eval_adapter needs lm-evaluation-harness: pip install 'headmap[lm-eval]'") from exc
+    raise ImportError("headmap.evaluation.lm_eval needs lm-evaluation-harness: pip install 'headmap[lm-eval]'") from exc
 
-from .corpus import _Tokens
-from .engine import observe
-from .evaluate import DEFAULT_BATCH_SIZE, _pad_id, _prefix_id, build_edits, encode_pair, score_token_pairs
-from .models import LoadedModel, load_model, position_ids, wrap_model
+from ..corpus import _Tokens
+from ..engine import observe
+from ..models import LoadedModel, load_model, position_ids, wrap_model
+from . import DEFAULT_BATCH_SIZE, _pad_id, _prefix_id, build_edits, encode_pair, score_token_pairs
 
 DEFAULT_GEN_TOKENS = 256
 

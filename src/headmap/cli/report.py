@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli import app, console
+from .app import app, console
 
 
 @app.command()

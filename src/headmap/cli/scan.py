@@ -1,48 +1,17 @@
-"""The ``headmap`` command line. Thin: every command is one call into the library.
-
-Any :class:`~headmap.errors.HeadmapError` becomes one line on stderr and exit code 2.
-"""
+"""``headmap scan``: measure every head and token of a model into a run folder."""
 
 from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .errors import HeadmapError, ScanInterrupted
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="headmap: measure what every attention head of a Hugging Face model does, exactly.",
-    pretty_exceptions_enable=False,
-)
-err = Console(stderr=True)
-console = Console()
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-    def show(message, category, filename, lineno, file=None, line=None):  # one clean line per warning
-        err.print(f"headmap: warning: {message}", highlight=False, markup=False, soft_wrap=True)
-
-    warnings.showwarning = show
-
-
-@app.callback()
-def _root() -> None:
-    """Measure, steer and compress attention heads."""
+from ..errors import ScanInterrupted
+from .app import app, console, err
 
 
 @app.command()
@@ -97,7 +66,7 @@ def scan(
     Completed batches are checkpointed into --out/.headmap-checkpoint; after Ctrl-C or a kill, run
     the same command with --resume to finish with the tables an uninterrupted run would give.
     """
-    from .scan import scan as run_scan
+    from ..scan import scan as run_scan
 
     target = out or Path("runs") / _slug(model or "smollm2")
     try:
@@ -125,7 +94,7 @@ def scan(
         err.print("headmap: interrupted", highlight=False)
         raise typer.Exit(130) from None
     if report:
-        from .report import write_report
+        from ..report import write_report
 
         write_report(atlas, out=target / "report.html")
     arch = atlas.meta["architecture"]
@@ -158,39 +127,3 @@ def scan(
 def _slug(name: str) -> str:
     base = Path(name).name if os.sep in name or name.endswith(".gguf") else name
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in base).strip("-.") or "model"
-
-
-from .commands import evaluate as _evaluate_commands  # noqa: E402, F401  (registers `headmap eval` and `tune`)
-from .commands import report as _report_command  # noqa: E402, F401  (registers `headmap report`)
-from .commands import steer as _steer_command  # noqa: E402, F401  (registers `headmap steer`)
-
-
-def main() -> None:
-    """Console entry point."""
-    _quiet_libraries()
-    try:
-        code = app(standalone_mode=False)  # returns the code of a typer.Exit raised by a command
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except HeadmapError as exc:
-        err.print(f"headmap: error: {exc}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("headmap: interrupted", highlight=False)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("headmap: interrupted", highlight=False)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            err.print(f"headmap: error: {exc.format_message()}", highlight=False, markup=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
-        raise
-
-
-if __name__ == "__main__":
-    main()
