@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 import headmap
-from headmap.corpus import Corpus, Sample
+from headmap.corpus import Batch, Corpus, Sample
 from headmap.engine.block import Block
 from headmap.errors import ProbeError
-from headmap.probes.base import Batch
 from headmap.probes.position_profile import PositionProfileProbe, metric_names
 from headmap.probes.span import SpanProbe
 

@@ -25,11 +25,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import headmap
-from headmap.corpus import Sample
+from headmap.corpus import Batch, Sample
 from headmap.edits.base import Edit
 from headmap.engine.block import Block
 from headmap.errors import ProbeError
-from headmap.probes.base import Batch
 from headmap.probes.fai import FaiProbe
 from headmap.probes.massive_values import MassiveValuesProbe
 from headmap.probes.received import ReceivedProbe

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import save_model
@@ -89,6 +89,66 @@ def package_path(name: str) -> Path:
             f"run `pip install {info['pip']}` (or `make setup`)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+class ModelShape(NamedTuple):
+    """Layers, query heads per layer and key/value heads per layer of a model (its text config)."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _first(config: Any, *names: str) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def model_shape(model_or_config: Any) -> ModelShape:
+    """(layers, heads, kv_heads) from a model's config (or a config); ModelError when unreadable.
+
+    The one place headmap reads these counts: every other module calls this.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if config is None:
+        raise ModelError(f"{type(model_or_config).__name__} has no config; headmap needs a transformers model")
+    text = _text_config(config)
+    layers = _first(text, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _first(text, "num_attention_heads", "n_head", "num_heads")
+    kv_heads = _first(text, "num_key_value_heads", "num_kv_heads") or heads
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (layers, heads, kv_heads)):
+        raise ModelError(f"cannot read the number of layers and heads from the config of {type(config).__name__}")
+    return ModelShape(layers, heads, kv_heads)
+
+
+def pad_id(tokenizer: Any, model: Any = None) -> int:
+    """The id used for padding: the tokenizer's (or config's) pad, else eos, else bos token; else 0."""
+    sources = (tokenizer, getattr(model, "config", None))
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        for source in sources:
+            value = getattr(source, attr, None) if source is not None else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return 0
+
+
+def layer_list(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's stack of transformer layers: the first ModuleList as long as its layer count."""
+    try:
+        count = model_shape(model).layers
+    except ModelError:
+        return None
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    return None
 
 
 def max_positions(config: Any) -> int | None:

@@ -7,6 +7,8 @@ brackets or quotes do not split.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,3 +79,13 @@ def parse_options(
             raise error(f"{kind} {name} sets {key} twice")
         kwargs[key] = parse_value(value)
     return kwargs
+
+
+def is_whole(value: Any) -> bool:
+    """True for an integer that is not a bool (``True`` is an int to Python, never a count to a user)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for a finite real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

@@ -89,6 +89,28 @@ class Corpus:
             yield start, ids.to(device), mask.to(device)
 
 
+@dataclass
+class Batch:
+    """What a scan tells probes about the inputs of the next forward call (see :meth:`Probe.begin`).
+
+    ``samples[b]`` is the corpus sample in batch row ``b`` (``.ids`` without padding, ``.info``
+    with what a built-in corpus recorded: repeat length, needle span, item spans, named spans);
+    ``first`` is the corpus index of row 0, so row ``b`` is input ``first + b`` of corpus
+    ``corpus``. Positions inside an input (``Block.rel_q()``) index ``samples[b].ids``.
+    """
+
+    corpus: str
+    first: int
+    samples: list[Any]
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    left_pad: bool = True
+
+    def index(self, row: int) -> int:
+        """Corpus index of batch row ``row``."""
+        return self.first + row
+
+
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, left_pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), [B, longest] long, of token id rows padded on the left (or right)."""
     width = max(len(r) for r in rows)

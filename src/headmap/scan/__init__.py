@@ -39,13 +39,12 @@ from rich.progress import (
 )
 
 from ..atlas import HEADS_SCHEMA, MAPS_SCHEMA, TOKENS_SCHEMA, Atlas, empty_frame
-from ..corpus import DEFAULT_CORPUS, Corpus, load_corpus
+from ..corpus import DEFAULT_CORPUS, Batch, Corpus, load_corpus
 from ..engine import CONFIG as ENGINE_CONFIG
 from ..engine import check_supported, observe
 from ..errors import HeadmapError, NumericalError, OptionError, OutputError, ProbeError, ScanInterrupted
 from ..models import LoadedModel, load_model, logits_to_keep, position_ids, wrap_model
 from ..probes import Probe, RepeatProbe, default_probe_names, make_probes, supports_state
-from ..probes.base import Batch
 from ..rundir import CHECKPOINT_DIR, check_output_folder
 from . import checkpoint
 
