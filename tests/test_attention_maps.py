@@ -16,10 +16,9 @@ import tiny_models
 import torch
 
 import headmap
-from headmap.atlas import MAPS_SCHEMA, Atlas
+from headmap.atlas import MAPS_SCHEMA, Atlas, bin_sizes
 from headmap.errors import ProbeError
 from headmap.probes import PROBES, AttentionMapsProbe, default_probe_names, make_probes
-from headmap.probes.attention_maps import bin_sizes
 
 KINDS = ["llama", "gpt2", "bert"]
 LENGTHS = [9, 14, 5, 12, 3]

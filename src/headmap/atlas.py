@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,6 +61,15 @@ MAPS_SCHEMA = pa.schema(
         ("value", pa.float64()),
     ]
 )
+
+
+def bin_sizes(length: int, bins: int) -> np.ndarray:
+    """[bins] number of positions in each bin of a pooled attention map (the rows and columns of maps.parquet).
+
+    Position p of an input of ``length`` tokens falls in bin ``p * bins // length``.
+    """
+    index = (np.arange(length, dtype=np.int64) * bins) // max(length, 1)
+    return np.bincount(index, minlength=bins).astype(np.int64)
 
 
 def empty_frame(schema: pa.Schema) -> pd.DataFrame:

@@ -75,3 +75,30 @@ def write_text(path: Path, text: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def check_writable(path: Path, option: str = "--out") -> None:
+    """Refuse an output place that cannot be written, before any work (one line: what and why).
+
+    ``path`` is a folder or a file that will be created or replaced. The nearest existing folder is
+    tried with a real temporary file, since permission bits alone do not tell (``/proc``, a read-only
+    mount, a dangling link). Nothing is left behind.
+    """
+    path = Path(path)
+    if os.path.islink(path) and not path.exists():
+        raise OutputError(
+            f"{option} {path} is a link to {os.readlink(path)}, which does not exist; choose another path"
+        )
+    probe_dir = path if path.is_dir() else path.parent
+    while not probe_dir.exists():
+        if os.path.islink(probe_dir):
+            raise OutputError(f"{option} {path}: {probe_dir} is a dangling link; choose another path")
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise OutputError(f"{option} {path}: {probe_dir} is a file, not a folder; choose another path")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".headmap-write-test.", dir=probe_dir)
+    except OSError as exc:
+        raise OutputError(f"cannot write {option} {path}: {probe_dir} is not writable ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(tmp)

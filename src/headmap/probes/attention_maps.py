@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..atlas import bin_sizes
 from ..engine.block import Block, QKView
 from ..errors import ProbeError
 from .base import Batch, Probe
@@ -47,12 +48,6 @@ def bin_index(positions: torch.Tensor, length: int, bins: int) -> torch.Tensor:
     inside = (positions >= 0) & (positions < length)
     index = torch.div(positions.clamp(0, max(length - 1, 0)) * bins, max(length, 1), rounding_mode="floor")
     return torch.where(inside, index, torch.full_like(index, -1))
-
-
-def bin_sizes(length: int, bins: int) -> np.ndarray:
-    """[bins] number of positions in each bin."""
-    index = (np.arange(length, dtype=np.int64) * bins) // max(length, 1)
-    return np.bincount(index, minlength=bins).astype(np.int64)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..atlas import Atlas
+from ..atlas import Atlas, bin_sizes
 
 MAP_SAMPLES = 2
 MAP_BINS = 32
@@ -201,8 +201,6 @@ def _top(atlas: Atlas) -> list[dict[str, Any]]:
 
 def _pool(grid: np.ndarray, length: int, factor: int) -> np.ndarray:
     """Coarser maps: groups of ``factor`` x ``factor`` cells, weighted by their pair counts."""
-    from ..probes.attention_maps import bin_sizes
-
     n = grid.shape[-1]
     sizes = bin_sizes(length, n).astype(np.float64)
     groups = np.arange(n) // factor
@@ -216,8 +214,6 @@ def _pool(grid: np.ndarray, length: int, factor: int) -> np.ndarray:
 
 
 def _bin_starts(length: int, n: int) -> list[int]:
-    from ..probes.attention_maps import bin_sizes
-
     return np.concatenate([[0], np.cumsum(bin_sizes(length, n))[:-1]]).astype(int).tolist()
 
 
