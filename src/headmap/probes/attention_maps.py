@@ -28,9 +28,10 @@ import pandas as pd
 import torch
 
 from ..atlas import bin_sizes
+from ..corpus import Batch
 from ..engine.block import Block, QKView
 from ..errors import ProbeError
-from .base import Batch, Needs, Probe
+from .base import Needs, Probe
 
 #: Columns of ``maps.parquet``.
 MAP_COLUMNS = ["sample", "layer", "head", "row_bin", "col_bin", "length", "value"]

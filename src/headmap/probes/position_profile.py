@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..corpus import Batch
 from ..engine.block import Block
 from ..errors import ProbeError
-from .base import Batch, Needs, Probe
+from .base import Needs, Probe
 from .head import HeadStats
 from .span import seen_lengths, token_span
 

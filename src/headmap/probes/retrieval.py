@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..corpus import pad_batch
+from ..corpus import Batch, pad_batch
 from ..engine.block import Block
 from ..errors import ProbeError
 from ..models import greedy_decode, logits_to_keep, position_ids
-from .base import Batch, Needs
+from .base import Needs
 from .head import HeadMeanProbe, HeadStats
 
 MODES = ("generate", "teacher")

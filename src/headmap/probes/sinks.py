@@ -34,9 +34,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..corpus import Batch
 from ..engine.block import Block
 from ..errors import ProbeError
-from .base import Batch, Needs
+from .base import Needs
 from .received import add_received, received_matrix
 from .token import Pending, Row, TokenProbe, add_columns, piece
 

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
+from ..corpus import Batch
 from ..engine.block import Block
 from ..errors import ProbeError
-from .base import Batch, Needs
+from .base import Needs
 from .head import HeadMeanProbe
 
 #: The query span's default name; when an input has no span of that name, S = the tokens after R.
