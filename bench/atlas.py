@@ -224,8 +224,8 @@ def a_work(mode: str, T: int, spec: dict, model):
 def baseline_corpora(spec: dict, tok, T: int, limit: int) -> list:
     """The corpora the sdpa baseline forwards for ``--default-set``, one entry per forward pass over them.
 
-    ``auto``: the groups of headmap's own plan for the default set (``headmap.scan._plan_groups``,
-    a private helper: the one place that knows which probe reads which built-in corpus), so both
+    ``auto``: the groups of headmap's own plan for the default set (``headmap.scan.plan.plan_groups``,
+    an internal helper: the one place that knows which probe reads which built-in corpus), so both
     sides forward the same inputs; a group of a generating probe gets one plain forward (the
     baseline does not generate). Otherwise the named built-in corpora, once each.
     """
@@ -238,9 +238,9 @@ def baseline_corpora(spec: dict, tok, T: int, limit: int) -> list:
         return [make(c) for c in spec["baseline_corpora"]]
     try:
         from headmap.probes import default_probe_names, make_probes
-        from headmap.scan import _plan_groups
+        from headmap.scan.plan import plan_groups
 
-        groups, _ = _plan_groups(make_probes(default_probe_names(True)), False, None, make)
+        groups, _ = plan_groups(make_probes(default_probe_names(True)), False, None, make)
     except (ImportError, TypeError, ValueError) as exc:
         raise RuntimeError(
             f"cannot reproduce the default scan's inputs ({exc}); pass --baseline-corpora text,repeats,..."

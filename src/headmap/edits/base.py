@@ -235,16 +235,7 @@ def received_in_block(block: Block, probs: torch.Tensor) -> torch.Tensor:
 
     The diagonal (i = j) counts, as in ACT; keys no real row of the block sees get 0.
     """
-    qv = block.query_valid
-    weights = qv.to(probs.dtype)[:, None, None, :]  # [B, 1, 1, bq]
-    mass = torch.matmul(weights, probs).squeeze(-2)  # [B, H, bk]; hidden entries are 0
-    batch, keys = qv.shape[0], probs.shape[-1]
-    segments = block.hidden_segments()
-    if segments is None:
-        count = (block.visible()[:, 0] & qv[:, :, None]).sum(dim=1)
-    else:
-        count = qv.sum(dim=1, keepdim=True).expand(batch, keys).clone()
-        for a, b in segments:
-            count[:, a:b] = (block.mask_columns(a, b)[:, 0] & qv[:, :, None]).sum(dim=1)
+    mass, count = block.column_sums(probs, exclude_self=False)
+    mass = mass.to(probs.dtype)  # the float32 sums, exactly
     count = count[:, None, :].to(probs.dtype)
     return torch.where(count > 0, mass / count.clamp(min=1), torch.zeros_like(mass))

@@ -61,7 +61,7 @@ class Block:
         # ``source(a, b)`` builds the mask of key columns [a, b) only when someone reads it.
         self._mask = mask
         self.mask_source = mask_source
-        #: Scratch space that probes of the same block share (e.g. :meth:`key_received`).
+        #: Scratch space that readers of the same block share (e.g. :meth:`column_sums`).
         self.cache: dict[str, Any] = {}
 
     @property
@@ -133,58 +133,72 @@ class Block:
         self.cache["row_counts"] = counts
         return counts
 
-    def key_received(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention each key of the block receives from the block's other real queries.
+    def column_sums(
+        self, probs: torch.Tensor | None = None, *, exclude_self: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per key column, the sum of ``probs`` over the block's real query rows, and how many of them see it.
 
-        Returns ``(mass [B, H, bk] float64, count [B, bk] long)``: per head, the sum over real
-        query rows i of the block with i != j of A[i, j], and the number of such rows that can see
-        key j (visible under the mask). Computed once per block and shared by every probe that asks
-        (``received``, ``fai``, ``sinks``). The sum over rows is one matrix-vector product per head
-        in float32 (a block holds few rows), accumulated across blocks in float64 by the probes.
+        Returns ``(mass [B, H, bk] float64, count [B, bk] long)``: ``mass[b, h, j]`` is the sum over
+        real query rows i of ``probs[b, h, i, j]`` (hidden entries are 0), ``count[b, j]`` the number
+        of real rows that can see key j under the mask. ``exclude_self`` leaves out the entry of the
+        row whose position is the key's own (i = j), from both. ``probs`` defaults to ``self.probs``;
+        then the result is computed once per block and shared by every caller.
+
+        The sum over rows is one matrix-vector product per head in the dtype of ``probs``, then
+        widened to float64 (exactly); the left-out diagonal is subtracted in float64.
         """
-        hit = self.cache.get("key_received")
-        if hit is not None:
-            return hit
-        probs = self.probs  # [B, H, bq, bk]; hidden entries are 0
+        shared = probs is None
+        key = ("column_sums", exclude_self)
+        if shared:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+            probs = self.probs
         qv = self.query_valid  # [B, bq]
         weights = qv.to(probs.dtype)[:, None, None, :]  # [B, 1, 1, bq]
         mass = torch.matmul(weights, probs).squeeze(-2).to(torch.float64)  # [B, H, bk]
-        # remove the diagonal (i == j): query position q_pos[r] is key column q_pos[r] - k_pos[0]
-        col = self.q_pos - self.k_pos[0]
-        on = (col >= 0) & (col < probs.shape[-1])
-        rows = torch.nonzero(on).squeeze(-1)
-        if rows.numel():
-            cols = col[rows]
-            diag = probs[:, :, rows, cols].to(torch.float64) * qv[:, rows].to(torch.float64)[:, None, :]
-            mass[:, :, cols] -= diag
         segments = self.hidden_segments()
         if segments is None:
             seen = self.visible()[:, 0] & qv[:, :, None]  # [B, bq, bk]
             count = seen.sum(dim=1)  # [B, bk]
-            if rows.numel():
-                count[:, cols] -= seen[:, rows, cols].to(count.dtype)
         else:
             batch, keys = qv.shape[0], probs.shape[-1]
             count = qv.sum(dim=1, keepdim=True).expand(batch, keys).clone()  # visible to every real row
             for a, b in segments:
                 count[:, a:b] = (self.mask_columns(a, b)[:, 0] & qv[:, :, None]).sum(dim=1)
-            if rows.numel():  # the diagonal entry of a real row is visible (a token sees itself)
-                diag_seen = torch.ones_like(qv[:, rows])
-                for a, b in segments:
-                    inside = (cols >= a) & (cols < b)
-                    if bool(inside.any()):
-                        r_in, c_in = rows[inside], cols[inside]
-                        picked = self.mask_columns(a, b)[:, 0][:, r_in, c_in - a]
-                        diag_seen[:, inside] = picked
-                count[:, cols] -= (diag_seen & qv[:, rows]).to(count.dtype)
-        self.cache["key_received"] = (mass, count)
+        if exclude_self:
+            self._drop_diagonal(probs, mass, count, None if segments is not None else seen)
+        if shared:
+            self.cache[key] = (mass, count)
         return mass, count
+
+    def _drop_diagonal(
+        self, probs: torch.Tensor, mass: torch.Tensor, count: torch.Tensor, seen: torch.Tensor | None
+    ) -> None:
+        """Subtract the entries i = j from ``mass`` and ``count`` in place (``seen``: the [B, bq, bk] mask if built)."""
+        qv = self.query_valid
+        col = self.q_pos - self.k_pos[0]  # query position q_pos[r] is key column q_pos[r] - k_pos[0]
+        rows = torch.nonzero((col >= 0) & (col < probs.shape[-1])).squeeze(-1)
+        if not rows.numel():
+            return
+        cols = col[rows]
+        mass[:, :, cols] -= probs[:, :, rows, cols].to(torch.float64) * qv[:, rows].to(torch.float64)[:, None, :]
+        if seen is not None:
+            count[:, cols] -= seen[:, rows, cols].to(count.dtype)
+            return
+        diag_seen = torch.ones_like(qv[:, rows])  # the diagonal entry of a real row is visible (a token sees itself)
+        for a, b in self.hidden_segments():
+            inside = (cols >= a) & (cols < b)
+            if bool(inside.any()):
+                r_in, c_in = rows[inside], cols[inside]
+                diag_seen[:, inside] = self.mask_columns(a, b)[:, 0][:, r_in, c_in - a]
+        count[:, cols] -= (diag_seen & qv[:, rows]).to(count.dtype)
 
 
 class QKView:
     """Queries and keys of one attention call (after RoPE), for probes that read them.
 
-    Probes with ``reads_qk = True`` get ``update_qk(view)`` once per attention call, before the
+    Observers with ``reads_qk = True`` get ``update_qk(view)`` once per attention call, before the
     blocks. ``query`` [B, H, Tq, D] and ``key`` [B, Hkv, Tk, D] are the model's tensors (do not
     change them); ``query_valid`` [B, Tq] and ``key_valid`` [B, Tk] flag real tokens;
     ``q_pos`` [Tq] and ``k_pos`` [Tk] are absolute positions and ``item_start`` [B] the position

@@ -7,20 +7,23 @@ import dataclasses
 from ..errors import ProbeError
 from ..specs import parse_options, split_top
 from .attention_maps import AttentionMapsProbe
-from .base import HeadMeanProbe, HeadStats, Probe, supports_state
-from .duplicate_token import DuplicateTokenProbe, RepeatProbe
+from .base import Needs, Probe, supports_state
+from .duplicate_token import DuplicateTokenProbe
 from .entropy import EntropyProbe
 from .fai import FaiProbe
+from .head import HeadMeanProbe, HeadStats
 from .induction import InductionProbe
 from .massive_values import MassiveValuesProbe
 from .mean_distance import MeanDistanceProbe
 from .position_profile import PositionProfileProbe
 from .prev_token import PrevTokenProbe
 from .received import ReceivedProbe
+from .repeat import RepeatProbe
 from .retrieval import RetrievalProbe
 from .sink import SinkProbe, sink_rate
 from .sinks import SinksProbe
 from .span import SpanProbe
+from .token import TokenProbe
 from .waad import WaadProbe
 
 #: Probe classes by command-line name.
@@ -89,11 +92,11 @@ def make_probes(names: str | list[str]) -> list[Probe]:
 
 
 def default_probe_names(causal: bool) -> list[str]:
-    """The default probe set: every probe marked ``default`` that applies to the kind of model.
+    """The default probe set: every probe whose ``needs.default`` is set and that applies to the kind of model.
 
-    Encoders get no causal-only probe (and so no generation probe).
+    Encoders get no probe that ``needs.causal`` (and so no generation probe).
     """
-    return [name for name, cls in PROBES.items() if cls.default and (causal or not cls.causal_only)]
+    return [name for name, cls in PROBES.items() if cls.needs.default and (causal or not cls.needs.causal)]
 
 
 __all__ = [
@@ -107,6 +110,7 @@ __all__ = [
     "InductionProbe",
     "MassiveValuesProbe",
     "MeanDistanceProbe",
+    "Needs",
     "PositionProfileProbe",
     "PrevTokenProbe",
     "Probe",
@@ -116,6 +120,7 @@ __all__ = [
     "SinkProbe",
     "SinksProbe",
     "SpanProbe",
+    "TokenProbe",
     "WaadProbe",
     "default_probe_names",
     "make_probes",

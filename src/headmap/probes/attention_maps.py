@@ -28,9 +28,10 @@ import pandas as pd
 import torch
 
 from ..atlas import bin_sizes
+from ..corpus import Batch
 from ..engine.block import Block, QKView
 from ..errors import ProbeError
-from .base import Batch, Probe
+from .base import Needs, Probe
 
 #: Columns of ``maps.parquet``.
 MAP_COLUMNS = ["sample", "layer", "head", "row_bin", "col_bin", "length", "value"]
@@ -60,8 +61,7 @@ class AttentionMapsProbe(Probe):
     bins: int = 16
 
     name = "attention_maps"
-    default = True
-    reads_qk = True
+    needs = Needs(qk=True)
 
     _batch: Batch | None = field(default=None, init=False, repr=False)
     #: the current forward: per batch row, (sample, length) for rows that get a map, else None

@@ -1,104 +1,186 @@
-"""Base classes of probes.
+"""The probe contract: what a probe declares (:class:`Needs`) and the hooks a scan calls (:class:`Probe`).
 
 A probe receives blocks of complete attention rows from the engine (``update``) and keeps sums
-and counts only, so that batches, inputs and processes merge exactly (``merge``). Scores follow
+and counts only, so that batches, inputs and processes merge exactly. Scores follow
 docs/methods/README.md: first averaged within an input, then across inputs, each input weighing the same;
 every score carries its number of inputs ``n`` and the standard error of the mean over inputs.
 
-``state_dict()`` / ``load_state_dict(state)`` save and restore the committed totals as plain
-numpy arrays (what ``numpy.savez`` stores exactly), so that a scan can checkpoint, stop, and
-resume with totals bit-for-bit equal to a scan that never stopped.
+A scan knows no probe by name: it reads each probe class's :class:`Needs` and calls the hooks of
+:class:`Probe`, each of which has a default. The shared bases live beside this file:
+``head.py`` (:class:`~headmap.probes.head.HeadMeanProbe`, per-head means over query rows),
+``token.py`` (:class:`~headmap.probes.token.TokenProbe`, per-token arrays) and ``repeat.py``
+(:class:`~headmap.probes.repeat.RepeatProbe`, probes read on a sequence repeated twice).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from ..corpus import Batch
-from ..engine.block import Block
+from ..engine.block import Block, QKView
+
+#: What a sample's ``info`` must hold for each kind of corpus a probe may require, and how to get one.
+CORPUS_KINDS: dict[str, tuple[str, str]] = {
+    "repeats": ("repeat_length", "inputs made of a random sequence repeated twice (--corpus repeats)"),
+    "needle": ("needle_span", "needle-in-a-haystack inputs (--corpus needle)"),
+    "items": ("items", "inputs made of several items (--corpus items)"),
+    "spans": ("spans", "inputs with named spans (a JSONL corpus with spans)"),
+}
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Everything a probe class declares to a scan, in one place (``needs = Needs(...)`` on the class).
+
+    A scan plans, schedules and runs the forward passes from these fields alone.
+    """
+
+    #: What the inputs must carry: None (any text), "repeats", "needle", "items" or "spans"
+    #: (:data:`CORPUS_KINDS`); checked by :meth:`Probe.applies_to`.
+    corpus: str | None = None
+    #: Built-in corpus the probe reads when the user names none (None: the scan's default, ``text``).
+    default_corpus: str | None = None
+    #: The probe's definition needs a causal (decoder) model; a scan refuses it on an encoder.
+    causal: bool = False
+    #: The probe drives its own forward passes (e.g. generation): the scan calls
+    #: :meth:`Probe.run` instead of one forward per batch, and gives the probe a group of its own.
+    drives_model: bool = False
+    #: :meth:`Probe.end` reads ``outputs.hidden_states`` (the forward runs with ``output_hidden_states=True``).
+    hidden_states: bool = False
+    #: :meth:`Probe.end` reads ``outputs.hidden_norms``: per layer, the l2 norm of every token's residual
+    #: stream entering that layer, [B, W] float64 (a scan records them with hooks, without keeping the
+    #: states; when it cannot find the layers it runs with ``output_hidden_states=True`` instead).
+    hidden_norms: bool = False
+    #: The engine calls :meth:`Probe.update_qk` once per attention call with the queries and keys.
+    qk: bool = False
+    #: Part of the default probe set (``headmap scan`` without ``--probes``).
+    default: bool = True
+
+    def __post_init__(self) -> None:
+        if self.corpus is not None and self.corpus not in CORPUS_KINDS:
+            raise ValueError(f"Needs.corpus must be None or one of {', '.join(CORPUS_KINDS)} (got {self.corpus!r})")
+
+
+class _NeedsField:
+    """A field of ``needs`` read under the name it had before :class:`Needs` (``Probe.causal_only``...).
+
+    Read-only on a class; on an instance, assigning replaces that instance's ``needs``. Declare
+    ``needs`` instead of setting these names in a class body.
+    """
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __get__(self, obj: Any, cls: type | None = None) -> Any:
+        return getattr((obj if obj is not None else cls).needs, self.field)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.needs = dataclasses.replace(obj.needs, **{self.field: value})
+
+
+#: The former names of the fields of :class:`Needs`.
+_FORMER_NAMES = {
+    "requires": "corpus",
+    "default_corpus": "default_corpus",
+    "causal_only": "causal",
+    "generates": "drives_model",
+    "needs_hidden_states": "hidden_states",
+    "needs_hidden_norms": "hidden_norms",
+    "reads_qk": "qk",
+    "default": "default",
+}
 
 
 class Probe:
-    """Base probe. Subclasses set ``name`` and implement ``update``.
+    """Base probe. Subclasses set ``name``, declare ``needs`` and implement ``update``.
 
-    Hooks a scan calls, in order, for every batch: ``begin(batch)``, then the forward pass (the
-    engine calls ``update(block)`` for every block of every layer, and ``update_qk(view)`` once per
-    layer for probes with ``reads_qk``), then ``commit()`` (closes the inputs), then
-    ``end(batch, outputs)`` with the model's outputs (holding ``hidden_states`` when
-    ``needs_hidden_states``).
+    The hooks, in the order a scan calls them (each has a default here; override what applies):
+
+    1. ``applies_to(corpus)`` while planning: None when the probe can read the corpus, else why not.
+    2. ``prepare(corpus)`` once, before the first batch, with the corpus the probe reads.
+    3. For every batch: ``begin(batch)``; then either ``run(model, batch, session)`` (``needs.drives_model``)
+       or one forward pass, during which the engine calls ``update_qk(view)`` once per attention call
+       (``needs.qk``), ``update(block)`` for every block of every layer and ``commit()`` once the
+       forward returns; then ``end(batch, outputs)`` with the model's outputs (None after ``run``).
+       Between batches the scan may save ``state_dict()``; a resumed scan calls ``load_state_dict``
+       before its first batch.
+    4. After the last batch: ``warnings()`` (messages the scan emits), then the rows of the tables:
+       ``head_rows()`` (heads.parquet), ``token_frame()`` (tokens.parquet), ``map_frame()``
+       (maps.parquet), and ``params()`` (meta.json).
     """
 
     name: ClassVar[str] = ""
-    #: True when the probe's definition needs a causal (decoder) model.
-    causal_only: ClassVar[bool] = False
-    #: What the probe's inputs must carry: None (any text), "repeats", "needle", "items" or "spans".
-    requires: ClassVar[str | None] = None
-    #: Built-in corpus the probe runs on when the user names none (None: the scan's default, ``text``).
-    default_corpus: ClassVar[str | None] = None
-    #: Part of the default probe set (``headmap scan`` without ``--probes``).
-    default: ClassVar[bool] = True
-    #: The probe drives its own forward passes (generation): ``run(model, batch, session)``.
-    generates: ClassVar[bool] = False
-    #: ``end`` needs ``outputs.hidden_states`` (the forward runs with ``output_hidden_states=True``).
-    needs_hidden_states: ClassVar[bool] = False
-    #: ``end`` needs ``outputs.hidden_norms``: per layer, the l2 norm of every token's residual stream
-    #: entering that layer, [B, W] float64 (a scan records them with hooks, without keeping the states;
-    #: when it cannot find the layers it runs with ``output_hidden_states=True`` instead).
-    needs_hidden_norms: ClassVar[bool] = False
-    #: ``update_qk(view)`` is called once per attention call with the queries and keys.
-    reads_qk: ClassVar[bool] = False
+    #: What the probe needs from a scan (corpus, model kind, forward outputs); see :class:`Needs`.
+    needs: ClassVar[Needs] = Needs()
 
-    def update(self, block: Block) -> None:
-        raise NotImplementedError
+    # the fields of ``needs`` under their former names, for reading (``Probe.causal_only``, ...)
+    requires = _NeedsField("corpus")
+    default_corpus = _NeedsField("default_corpus")
+    causal_only = _NeedsField("causal")
+    generates = _NeedsField("drives_model")
+    needs_hidden_states = _NeedsField("hidden_states")
+    needs_hidden_norms = _NeedsField("hidden_norms")
+    #: read by the engine (any observer with ``reads_qk = True`` gets ``update_qk``)
+    reads_qk = _NeedsField("qk")
+    default = _NeedsField("default")
 
-    def begin(self, batch: Batch) -> None:
-        """Called by a scan before the forward pass of ``batch``."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        stale = [n for n in _FORMER_NAMES if n in cls.__dict__ and not isinstance(cls.__dict__[n], _NeedsField)]
+        if stale:
+            fields = ", ".join(f"{_FORMER_NAMES[n]}=..." for n in stale)
+            raise TypeError(
+                f"probe class {cls.__name__} sets {', '.join(stale)}; declare needs = Needs({fields}) instead"
+            )
+        if not isinstance(cls.needs, Needs):
+            raise TypeError(f"probe class {cls.__name__}: needs must be a headmap.probes.Needs")
 
-    def end(self, batch: Batch, outputs: Any) -> None:
-        """Called by a scan after the forward pass of ``batch`` (after ``commit``)."""
-
+    # -- 1, 2: planning ----------------------------------------------------------------------
     def applies_to(self, samples: Any) -> str | None:
         """None when the probe can read these inputs; else why not (one sentence, for the user).
 
-        The default checks ``requires`` against the first sample's ``info``.
+        The default checks ``needs.corpus`` against the first sample's ``info``.
         """
-        key = {"repeats": "repeat_length", "needle": "needle_span", "items": "items", "spans": "spans"}.get(
-            self.requires or ""
-        )
-        if key is None:
+        if self.needs.corpus is None:
             return None
+        key, hint = CORPUS_KINDS[self.needs.corpus]
         items = list(getattr(samples, "samples", samples))
         if not items or key not in (items[0].info or {}):
-            hint = {
-                "repeats": "inputs made of a random sequence repeated twice (--corpus repeats)",
-                "needle": "needle-in-a-haystack inputs (--corpus needle)",
-                "items": "inputs made of several items (--corpus items)",
-                "spans": "inputs with named spans (a JSONL corpus with spans)",
-            }[self.requires]
             return f"{self.name} needs {hint}"
         return None
 
-    def token_frame(self) -> Any:
-        """Rows of ``tokens.parquet`` as a pandas DataFrame with columns
-        ``sample, position, token_id, metric, layer, value`` (the scan adds ``token``); None if none."""
-        return None
+    def prepare(self, corpus: Any) -> None:
+        """Called once before the first batch with the corpus the probe reads (e.g. to read its layout).
+
+        Raise :class:`~headmap.errors.ProbeError` when the corpus does not fit.
+        """
+
+    # -- 3: every batch ----------------------------------------------------------------------
+    def begin(self, batch: Batch) -> None:
+        """Called by a scan before the forward pass of ``batch``."""
+
+    def run(self, model: Any, batch: Batch, session: Any) -> None:
+        """Drive the model over ``batch`` (``needs.drives_model``) under the engine ``session``."""
+        raise NotImplementedError(f"probe {self.name or type(self).__name__} declares drives_model but has no run()")
+
+    def update_qk(self, view: QKView) -> None:
+        """Queries and keys of one attention call (``needs.qk``), before its blocks."""
+        raise NotImplementedError(f"probe {self.name or type(self).__name__} declares qk but has no update_qk()")
+
+    def update(self, block: Block) -> None:
+        """One block of complete attention rows (``block.probs``)."""
+        raise NotImplementedError
 
     def commit(self) -> None:
         """Close the inputs seen since the last commit (called after each forward by default)."""
 
-    def params(self) -> dict[str, Any]:
-        """Parameters that define the probe, written to meta.json."""
-        return {}
-
-    def head_rows(self) -> list[dict[str, Any]]:
-        """Rows of ``heads.parquet`` (``probe, metric, layer, head, kv_head, value, stderr, n``)."""
-        return []
+    def end(self, batch: Batch, outputs: Any) -> None:
+        """Called by a scan after the forward pass of ``batch`` (after ``commit``)."""
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The committed state as named numpy arrays (copies), for checkpoints.
@@ -115,169 +197,31 @@ class Probe:
         """Replace the probe's committed state by ``state`` (from :meth:`state_dict`)."""
         raise NotImplementedError(f"probe {self.name or type(self).__name__} cannot load a saved state")
 
+    # -- 4: after the last batch -------------------------------------------------------------
+    def warnings(self) -> list[str]:
+        """Messages for the user about the run as a whole (the scan emits each as a warning)."""
+        return []
+
+    def head_rows(self) -> list[dict[str, Any]]:
+        """Rows of ``heads.parquet`` (``probe, metric, layer, head, kv_head, value, stderr, n``)."""
+        return []
+
+    def token_frame(self) -> Any:
+        """Rows of ``tokens.parquet`` as a pandas DataFrame with columns
+        ``sample, position, token_id, metric, layer, value`` (the scan adds ``token``); None if none."""
+        return None
+
+    def map_frame(self) -> Any:
+        """Rows of ``maps.parquet`` as a pandas DataFrame
+        (``sample, layer, head, row_bin, col_bin, length, value``); None if none."""
+        return None
+
+    def params(self) -> dict[str, Any]:
+        """Parameters that define the probe, written to meta.json."""
+        return {}
+
 
 def supports_state(probe: Probe) -> bool:
     """True when the probe implements both ``state_dict`` and ``load_state_dict``."""
     cls = type(probe)
     return cls.state_dict is not Probe.state_dict and cls.load_state_dict is not Probe.load_state_dict
-
-
-@dataclass
-class HeadStats:
-    """Across-input sums for one layer: per head sum of x, sum of x^2, and input count."""
-
-    total: np.ndarray
-    total_sq: np.ndarray
-    count: np.ndarray
-    kv_heads: int
-
-    @classmethod
-    def empty(cls, heads: int, kv_heads: int) -> HeadStats:
-        z = np.zeros(heads, dtype=np.float64)
-        return cls(z.copy(), z.copy(), np.zeros(heads, dtype=np.int64), kv_heads)
-
-    def add(self, values: np.ndarray) -> None:
-        """``values``: [n_inputs, H] per-input scores (NaN where the input had no counted row)."""
-        ok = ~np.isnan(values)
-        self.total += np.where(ok, values, 0.0).sum(axis=0)
-        self.total_sq += np.where(ok, values * values, 0.0).sum(axis=0)
-        self.count += ok.sum(axis=0)
-
-    def copy(self) -> HeadStats:
-        return HeadStats(self.total.copy(), self.total_sq.copy(), self.count.copy(), self.kv_heads)
-
-    def merge(self, other: HeadStats) -> None:
-        self.total += other.total
-        self.total_sq += other.total_sq
-        self.count += other.count
-
-    def mean(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan)
-
-    def stderr(self) -> np.ndarray:
-        n = self.count.astype(np.float64)
-        mean = self.mean()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            spread = self.total_sq - n * mean * mean
-            # sum x^2 - n mean^2 cancels: below a few ulps of sum x^2 it is rounding, not spread
-            spread = np.where(spread > 16 * np.finfo(np.float64).eps * self.total_sq, spread, 0.0)
-            var = spread / np.maximum(n - 1, 1)
-            se = np.sqrt(np.maximum(var, 0.0) / np.maximum(n, 1))
-        return np.where(n > 1, se, np.nan)
-
-
-@dataclass
-class HeadMeanProbe(Probe):
-    """A head-level score that is the mean over counted query rows of a per-row quantity.
-
-    Subclasses implement ``row_values(block) -> (values [B, H, bq], counted [B, bq])``.
-    """
-
-    _pending: dict[int, list] = field(default_factory=dict, init=False, repr=False)
-    _stats: dict[int, HeadStats] = field(default_factory=dict, init=False, repr=False)
-
-    def row_values(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def update(self, block: Block) -> None:
-        values, counted = self.row_values(block)
-        weights = counted.to(torch.float64)
-        num = (values.to(torch.float64) * weights[:, None, :]).sum(dim=-1)  # [B, H]
-        den = weights.sum(dim=-1)  # [B]
-        slot = self._pending.get(block.layer)
-        if slot is None or slot[0].shape != num.shape:
-            self._pending[block.layer] = [num, den, block.num_kv_heads]
-        else:
-            slot[0] += num
-            slot[1] += den
-
-    def commit(self) -> None:
-        for layer, (num, den, kv_heads) in self._pending.items():
-            den_np = den.cpu().numpy()[:, None]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                per_input = np.where(den_np > 0, num.cpu().numpy() / np.maximum(den_np, 1), np.nan)
-            stats = self._stats.setdefault(layer, HeadStats.empty(per_input.shape[1], kv_heads))
-            stats.add(per_input)
-        self._pending.clear()
-
-    def merge(self, other: HeadMeanProbe) -> None:
-        """Add another probe's committed totals (another batch, input set or process)."""
-        for layer, stats in other._stats.items():
-            mine = self._stats.get(layer)
-            if mine is None:
-                self._stats[layer] = stats.copy()
-            else:
-                mine.merge(stats)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Committed totals per layer: ``layers``, ``kv_heads`` and ``total.L``, ``total_sq.L``, ``count.L``.
-
-        Pending sums of inputs not yet committed are not included (a scan saves after each commit).
-        """
-        layers = sorted(self._stats)
-        state = {
-            "layers": np.array(layers, dtype=np.int64),
-            "kv_heads": np.array([self._stats[layer].kv_heads for layer in layers], dtype=np.int64),
-        }
-        for layer in layers:
-            stats = self._stats[layer]
-            state[f"total.{layer}"] = stats.total.copy()
-            state[f"total_sq.{layer}"] = stats.total_sq.copy()
-            state[f"count.{layer}"] = stats.count.copy()
-        return state
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        """Replace the committed totals by a :meth:`state_dict`; drops anything pending."""
-        try:
-            layers = [int(x) for x in np.asarray(state["layers"]).reshape(-1)]
-            kv = [int(x) for x in np.asarray(state["kv_heads"]).reshape(-1)]
-            if len(kv) != len(layers):
-                raise ValueError("'layers' and 'kv_heads' differ in length")
-            loaded: dict[int, HeadStats] = {}
-            for layer, kv_heads in zip(layers, kv, strict=True):
-                total = np.array(state[f"total.{layer}"], dtype=np.float64).reshape(-1)
-                total_sq = np.array(state[f"total_sq.{layer}"], dtype=np.float64).reshape(-1)
-                count = np.array(state[f"count.{layer}"], dtype=np.int64).reshape(-1)
-                if not (len(total) == len(total_sq) == len(count)) or kv_heads < 1 or len(total) % kv_heads:
-                    raise ValueError(f"layer {layer}: arrays of different lengths or a bad kv_heads")
-                loaded[layer] = HeadStats(total, total_sq, count, kv_heads)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"not a state of probe {self.name}: {exc}") from exc
-        self._pending.clear()
-        self._stats = loaded
-
-    def result(self) -> dict[int, HeadStats]:
-        """Committed statistics by layer (commits pending inputs first)."""
-        self.commit()
-        return dict(sorted(self._stats.items()))
-
-    def head_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for layer, stats in self.result().items():
-            group = len(stats.total) // stats.kv_heads
-            for head, (value, se, n) in enumerate(zip(stats.mean(), stats.stderr(), stats.count, strict=True)):
-                rows.append(
-                    {
-                        "probe": self.name,
-                        "metric": self.name,
-                        "layer": int(layer),
-                        "head": head,
-                        "kv_head": head // group,
-                        "value": float(value),
-                        "stderr": float(se) if not math.isnan(se) else math.nan,
-                        "n": int(n),
-                    }
-                )
-        return rows
-
-    def values(self) -> np.ndarray:
-        """[layers, heads] array of mean scores (NaN where a layer was never seen)."""
-        res = self.result()
-        if not res:
-            return np.zeros((0, 0))
-        heads = max(len(s.total) for s in res.values())
-        out = np.full((max(res) + 1, heads), np.nan)
-        for layer, stats in res.items():
-            out[layer, : len(stats.total)] = stats.mean()
-        return out

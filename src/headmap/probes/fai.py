@@ -32,7 +32,9 @@ import torch
 
 from ..engine.block import Block
 from ..errors import ProbeError
-from .received import Pending, Row, TokenProbe, add_columns, piece, take
+from .base import Needs
+from .received import key_received
+from .token import Pending, Row, TokenProbe, add_columns, piece, take
 
 
 def _whole(x: Any) -> bool:
@@ -51,7 +53,7 @@ class FaiProbe(TokenProbe):
     anchors: Any = 5
 
     name = "fai"
-    causal_only = True
+    needs = Needs(causal=True)
     chunk_keys = ("fai", "anchor")
 
     def __post_init__(self) -> None:
@@ -116,7 +118,7 @@ class FaiProbe(TokenProbe):
             if max(picked) >= block.num_heads:
                 raise ProbeError(f"fai heads: layer {block.layer} has {block.num_heads} heads, not {max(picked) + 1}")
         if self.horizon is None:
-            mass = block.key_received()[0]  # causal: rows i > j only
+            mass = key_received(block)[0]  # causal: rows i > j only
         else:
             lo, hi = self.horizon
             dist = block.q_pos[:, None] - block.k_pos[None, :]  # [bq, bk]

@@ -14,21 +14,22 @@ random tokens); Elhage et al. 2021; TransformerLens ``get_induction_head_detecti
 Causal only: in an encoder, token i also sees i + 1 itself, and the pattern no longer means
 "predict the next token from the earlier copy". See docs/methods/induction.md.
 
-As for ``duplicate_token``, pass ``repeat_length`` and ``offset`` (or call ``configure`` with the
-corpus); an input shorter than ``offset + 2 * repeat_length`` raises ProbeError.
+As for ``duplicate_token``, pass ``repeat_length`` and ``offset`` or let the scan read them from the
+corpus (:class:`~headmap.probes.repeat.RepeatProbe`); an input shorter than ``offset + 2 * repeat_length``
+raises ProbeError.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .duplicate_token import RepeatProbe
+from .repeat import RepeatProbe
 
 
 @dataclass
 class InductionProbe(RepeatProbe):
     name = "induction"
-    causal_only = True
+    needs = replace(RepeatProbe.needs, causal=True)
     min_repeat_length = 2
     skip = 1
 

@@ -32,7 +32,7 @@ import torch
 
 from ..engine.block import Block, QKView
 from ..errors import ProbeError
-from .base import Probe
+from .base import Needs, Probe
 
 #: elements turned into float64 at a time when summing |q| (bounds the temporary copy)
 _CHUNK_ELEMENTS = 2**23
@@ -60,7 +60,7 @@ class MassiveValuesProbe(Probe):
     lam: float = 5.0
 
     name = "massive_values"
-    reads_qk = True
+    needs = Needs(qk=True)
 
     _pending: dict = field(default_factory=dict, init=False, repr=False)
     _totals: dict = field(default_factory=dict, init=False, repr=False)

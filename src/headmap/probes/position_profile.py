@@ -28,9 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..corpus import Batch
 from ..engine.block import Block
 from ..errors import ProbeError
-from .base import Batch, HeadStats, Probe
+from .base import Needs, Probe
+from .head import HeadStats
 from .span import seen_lengths, token_span
 
 #: Name of the basin-depth metric (the probe's own name); items are ``item_0`` ... ``item_{k-1}``.
@@ -47,10 +49,7 @@ class PositionProfileProbe(Probe):
     """Per head: attention mass from the last token to each item, and the basin depth."""
 
     name = "position_profile"
-    requires = "items"
-    default_corpus = "items"
-    causal_only = True
-    default = True
+    needs = Needs(corpus="items", default_corpus="items", causal=True)
 
     # committed: per layer, one HeadStats per metric (``metric_names(k)``)
     _stats: dict[int, list[HeadStats]] = field(default_factory=dict, init=False, repr=False)

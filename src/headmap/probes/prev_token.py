@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.block import Block
-from .base import HeadMeanProbe
+from .head import HeadMeanProbe
 
 
 @dataclass

@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..corpus import pad_batch
+from ..corpus import Batch, pad_batch
 from ..engine.block import Block
 from ..errors import ProbeError
 from ..models import greedy_decode, logits_to_keep, position_ids
-from .base import Batch, HeadMeanProbe, HeadStats
+from .base import Needs
+from .head import HeadMeanProbe, HeadStats
 
 MODES = ("generate", "teacher")
 
@@ -46,10 +47,7 @@ class RetrievalProbe(HeadMeanProbe):
     mode: str = "generate"
 
     name = "retrieval"
-    causal_only = True
-    requires = "needle"
-    default_corpus = "needle"
-    generates = True
+    needs = Needs(corpus="needle", default_corpus="needle", causal=True, drives_model=True)
 
     _want: tuple[int, int] | None = field(default=None, init=False, repr=False)
     _argmax: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
@@ -144,6 +142,14 @@ class RetrievalProbe(HeadMeanProbe):
             self.reproduced += len(samples)
         else:
             self.reproduced += sum(emitted_rows[b] == answers[b] for b in range(len(samples)))
+
+    def warnings(self) -> list[str]:
+        if self.reproduced or not self.instances:
+            return []
+        return [
+            f"{self.name}: the model reproduced the needle in 0 of {self.instances} inputs, so no head is "
+            f"scored (n = 0); try {self.name}:mode=teacher, shorter inputs or a larger model"
+        ]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = super().state_dict()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..engine.block import Block
-from .base import HeadMeanProbe
+from .head import HeadMeanProbe
 
 
 @dataclass

@@ -17,7 +17,7 @@ Papers: "On the Existence and Behaviour of Secondary Attention Sinks" (sinks bey
 token, with their layer span and norms); Yu et al. 2024, "Unveiling and Harnessing Hidden
 Attention Sinks" (ACT: sinks that show in single heads, not in the head average); Sun et al. 2024,
 "Massive Activations in Large Language Models" (sink tokens carry huge hidden-state values).
-See docs/methods/sinks.md for the choices made here. ``needs_hidden_norms``: ``end(batch, outputs)``
+See docs/methods/sinks.md for the choices made here. ``Needs(hidden_norms=True)``: ``end(batch, outputs)``
 reads ``outputs.hidden_norms`` (the norms a scan records with layer hooks) or, when absent,
 ``outputs.hidden_states`` (a forward with ``output_hidden_states=True``).
 """
@@ -34,10 +34,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..corpus import Batch
 from ..engine.block import Block
 from ..errors import ProbeError
-from .base import Batch
-from .received import Pending, Row, TokenProbe, add_columns, add_received, piece, received_matrix
+from .base import Needs
+from .received import add_received, received_matrix
+from .token import Pending, Row, TokenProbe, add_columns, piece
 
 #: rows of hidden states turned into float64 at a time when taking norms
 _NORM_ROWS = 1024
@@ -78,7 +80,7 @@ class SinksProbe(TokenProbe):
     ratio: float = 10.0
 
     name = "sinks"
-    needs_hidden_norms = True
+    needs = Needs(hidden_norms=True)
     chunk_keys = ("layers", "received", "head_max")
 
     _awaiting: Any = field(default=None, init=False, repr=False)

@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 
+from ..corpus import Batch
 from ..engine.block import Block
 from ..errors import ProbeError
-from .base import Batch, HeadMeanProbe
+from .base import Needs
+from .head import HeadMeanProbe
 
 #: The query span's default name; when an input has no span of that name, S = the tokens after R.
 DEFAULT_QUERY = "query"
@@ -69,8 +71,7 @@ class SpanProbe(HeadMeanProbe):
     """
 
     name = "span"
-    requires = "spans"
-    default = False
+    needs = Needs(corpus="spans", default=False)
 
     query: str | tuple[int, int] = DEFAULT_QUERY
     key: str | tuple[int, int] = DEFAULT_KEY

@@ -26,7 +26,7 @@ import torch
 
 from ..engine.block import Block
 from ..errors import ProbeError
-from .base import HeadMeanProbe
+from .head import HeadMeanProbe
 
 
 @dataclass

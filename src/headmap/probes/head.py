@@ -1,0 +1,181 @@
+"""Head-level probes: :class:`HeadStats` (across-input sums per head) and :class:`HeadMeanProbe`.
+
+A head score is first averaged within an input, then across inputs, each input weighing the same
+(docs/methods/README.md). ``state_dict()`` / ``load_state_dict(state)`` save and restore the
+committed totals as plain numpy arrays (what ``numpy.savez`` stores exactly), so that a scan can
+checkpoint, stop, and resume with totals bit-for-bit equal to a scan that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..engine.block import Block
+from .base import Probe
+
+
+@dataclass
+class HeadStats:
+    """Across-input sums for one layer: per head sum of x, sum of x^2, and input count."""
+
+    total: np.ndarray
+    total_sq: np.ndarray
+    count: np.ndarray
+    kv_heads: int
+
+    @classmethod
+    def empty(cls, heads: int, kv_heads: int) -> HeadStats:
+        z = np.zeros(heads, dtype=np.float64)
+        return cls(z.copy(), z.copy(), np.zeros(heads, dtype=np.int64), kv_heads)
+
+    def add(self, values: np.ndarray) -> None:
+        """``values``: [n_inputs, H] per-input scores (NaN where the input had no counted row)."""
+        ok = ~np.isnan(values)
+        self.total += np.where(ok, values, 0.0).sum(axis=0)
+        self.total_sq += np.where(ok, values * values, 0.0).sum(axis=0)
+        self.count += ok.sum(axis=0)
+
+    def copy(self) -> HeadStats:
+        return HeadStats(self.total.copy(), self.total_sq.copy(), self.count.copy(), self.kv_heads)
+
+    def merge(self, other: HeadStats) -> None:
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.count += other.count
+
+    def mean(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan)
+
+    def stderr(self) -> np.ndarray:
+        n = self.count.astype(np.float64)
+        mean = self.mean()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            spread = self.total_sq - n * mean * mean
+            # sum x^2 - n mean^2 cancels: below a few ulps of sum x^2 it is rounding, not spread
+            spread = np.where(spread > 16 * np.finfo(np.float64).eps * self.total_sq, spread, 0.0)
+            var = spread / np.maximum(n - 1, 1)
+            se = np.sqrt(np.maximum(var, 0.0) / np.maximum(n, 1))
+        return np.where(n > 1, se, np.nan)
+
+
+@dataclass
+class HeadMeanProbe(Probe):
+    """A head-level score that is the mean over counted query rows of a per-row quantity.
+
+    Subclasses implement ``row_values(block) -> (values [B, H, bq], counted [B, bq])``.
+    """
+
+    _pending: dict[int, list] = field(default_factory=dict, init=False, repr=False)
+    _stats: dict[int, HeadStats] = field(default_factory=dict, init=False, repr=False)
+
+    def row_values(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def update(self, block: Block) -> None:
+        values, counted = self.row_values(block)
+        weights = counted.to(torch.float64)
+        num = (values.to(torch.float64) * weights[:, None, :]).sum(dim=-1)  # [B, H]
+        den = weights.sum(dim=-1)  # [B]
+        slot = self._pending.get(block.layer)
+        if slot is None or slot[0].shape != num.shape:
+            self._pending[block.layer] = [num, den, block.num_kv_heads]
+        else:
+            slot[0] += num
+            slot[1] += den
+
+    def commit(self) -> None:
+        for layer, (num, den, kv_heads) in self._pending.items():
+            den_np = den.cpu().numpy()[:, None]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_input = np.where(den_np > 0, num.cpu().numpy() / np.maximum(den_np, 1), np.nan)
+            stats = self._stats.setdefault(layer, HeadStats.empty(per_input.shape[1], kv_heads))
+            stats.add(per_input)
+        self._pending.clear()
+
+    def merge(self, other: HeadMeanProbe) -> None:
+        """Add another probe's committed totals (another batch, input set or process)."""
+        for layer, stats in other._stats.items():
+            mine = self._stats.get(layer)
+            if mine is None:
+                self._stats[layer] = stats.copy()
+            else:
+                mine.merge(stats)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Committed totals per layer: ``layers``, ``kv_heads`` and ``total.L``, ``total_sq.L``, ``count.L``.
+
+        Pending sums of inputs not yet committed are not included (a scan saves after each commit).
+        """
+        layers = sorted(self._stats)
+        state = {
+            "layers": np.array(layers, dtype=np.int64),
+            "kv_heads": np.array([self._stats[layer].kv_heads for layer in layers], dtype=np.int64),
+        }
+        for layer in layers:
+            stats = self._stats[layer]
+            state[f"total.{layer}"] = stats.total.copy()
+            state[f"total_sq.{layer}"] = stats.total_sq.copy()
+            state[f"count.{layer}"] = stats.count.copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the committed totals by a :meth:`state_dict`; drops anything pending."""
+        try:
+            layers = [int(x) for x in np.asarray(state["layers"]).reshape(-1)]
+            kv = [int(x) for x in np.asarray(state["kv_heads"]).reshape(-1)]
+            if len(kv) != len(layers):
+                raise ValueError("'layers' and 'kv_heads' differ in length")
+            loaded: dict[int, HeadStats] = {}
+            for layer, kv_heads in zip(layers, kv, strict=True):
+                total = np.array(state[f"total.{layer}"], dtype=np.float64).reshape(-1)
+                total_sq = np.array(state[f"total_sq.{layer}"], dtype=np.float64).reshape(-1)
+                count = np.array(state[f"count.{layer}"], dtype=np.int64).reshape(-1)
+                if not (len(total) == len(total_sq) == len(count)) or kv_heads < 1 or len(total) % kv_heads:
+                    raise ValueError(f"layer {layer}: arrays of different lengths or a bad kv_heads")
+                loaded[layer] = HeadStats(total, total_sq, count, kv_heads)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"not a state of probe {self.name}: {exc}") from exc
+        self._pending.clear()
+        self._stats = loaded
+
+    def result(self) -> dict[int, HeadStats]:
+        """Committed statistics by layer (commits pending inputs first)."""
+        self.commit()
+        return dict(sorted(self._stats.items()))
+
+    def head_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for layer, stats in self.result().items():
+            group = len(stats.total) // stats.kv_heads
+            for head, (value, se, n) in enumerate(zip(stats.mean(), stats.stderr(), stats.count, strict=True)):
+                rows.append(
+                    {
+                        "probe": self.name,
+                        "metric": self.name,
+                        "layer": int(layer),
+                        "head": head,
+                        "kv_head": head // group,
+                        "value": float(value),
+                        "stderr": float(se) if not math.isnan(se) else math.nan,
+                        "n": int(n),
+                    }
+                )
+        return rows
+
+    def values(self) -> np.ndarray:
+        """[layers, heads] array of mean scores (NaN where a layer was never seen)."""
+        res = self.result()
+        if not res:
+            return np.zeros((0, 0))
+        heads = max(len(s.total) for s in res.values())
+        out = np.full((max(res) + 1, heads), np.nan)
+        for layer, stats in res.items():
+            out[layer, : len(stats.total)] = stats.mean()
+        return out

@@ -1,0 +1,80 @@
+"""The checks a scan makes before anything heavy: options, the probes named, the model, the lengths.
+
+Everything a user can get wrong is refused here, before the first forward pass, with a message
+that says what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..engine import check_supported
+from ..errors import OptionError, ProbeError
+from ..models import LoadedModel, load_model, wrap_model
+from ..probes import PROBES, Probe, make_probes
+
+DEFAULT_MAX_LENGTH = 512
+
+
+def named_probes(probes: str | Sequence[str] | Sequence[Probe] | None) -> list[Probe] | None:
+    """The probes the user named, built; None when they named none (the default set, chosen with the model)."""
+    if probes is None:
+        return None
+    items: Any = probes if isinstance(probes, str) else list(probes)
+    if not (items.strip() if isinstance(items, str) else items):
+        raise ProbeError(
+            "no probe named; leave --probes out for the default set, or name probes from: " + ", ".join(sorted(PROBES))
+        )
+    if isinstance(items, list) and isinstance(items[0], Probe):
+        return items
+    return make_probes(items)
+
+
+def options(batch_size: int, checkpoint_every_s: float, out: str | Path | None, resume: bool) -> Path | None:
+    """Check the numeric options and ``resume``; returns the output folder (None: no folder)."""
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1 (got {batch_size})")
+    if not checkpoint_every_s >= 0:  # NaN too; inf: only when interrupted
+        raise OptionError(f"--checkpoint-every must be a number of seconds >= 0 (got {checkpoint_every_s})")
+    out_dir = Path(out) if out is not None else None
+    if resume and out_dir is None:
+        raise OptionError("resume=True needs out=..., the folder that holds the checkpoint")
+    return out_dir
+
+
+def load(model: Any, tokenizer: Any, dtype: str, device: str) -> LoadedModel:
+    """The model (a name, a folder, a file or a model object), refused when the engine cannot run it."""
+    if model is None or isinstance(model, (str, Path)):
+        loaded = load_model(str(model) if model is not None else None, dtype=dtype, device=device)
+    else:
+        loaded = wrap_model(model, tokenizer)
+    check_supported(loaded.model)
+    return loaded
+
+
+def max_length(max_length: int | None, loaded: LoadedModel) -> int:
+    """``max_length``, or the default (512, less when the model has fewer positions); checked."""
+    if max_length is None:
+        max_length = min(DEFAULT_MAX_LENGTH, loaded.max_length or DEFAULT_MAX_LENGTH)
+    limit = loaded.max_length
+    if max_length < 2:
+        raise OptionError(f"--max-length must be at least 2 tokens (got {max_length})")
+    if limit is not None and max_length > limit:
+        raise OptionError(
+            f"--max-length {max_length} exceeds the model's limit of {limit} positions; use at most {limit}"
+        )
+    return max_length
+
+
+def model_kind(probes: Sequence[Probe], loaded: LoadedModel) -> None:
+    """Refuse probes that need a causal model (``needs.causal``) on an encoder."""
+    if loaded.is_causal:
+        return
+    bad = [p.name for p in probes if p.needs.causal]
+    if bad:
+        raise ProbeError(
+            f"probe(s) {', '.join(bad)} need a causal (decoder) model, and "
+            f"{loaded.model.config.model_type} is an encoder; drop them from --probes"
+        )

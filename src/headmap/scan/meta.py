@@ -1,0 +1,70 @@
+"""meta.json of a scan: the model, the corpus, the probes and their corpora, options, versions, time, memory."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from ..models import LoadedModel
+from .plan import Plan
+from .resume import Run
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("headmap", "torch", "transformers", "numpy", "pandas", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_gib": rss_kb / 2**20 if sys.platform != "darwin" else rss_kb / 2**30}
+    if device.type == "cuda":
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def describe(loaded: LoadedModel, plan: Plan, run: Run, options: dict[str, Any]) -> dict[str, Any]:
+    """The meta dict of a finished scan."""
+    model = loaded.model
+    first = next(model.parameters())
+    layer_shapes = sorted(run.layers.items())
+    return {
+        "model": loaded.model_id,
+        "model_path": loaded.path,
+        "model_source": loaded.source,
+        "revision": loaded.revision,
+        "architecture": {
+            "model_type": model.config.model_type,
+            "class": type(model).__name__,
+            "causal": loaded.is_causal,
+            "layers": len(layer_shapes),
+            "heads": layer_shapes[0][1][0] if layer_shapes else None,
+            "kv_heads": layer_shapes[0][1][1] if layer_shapes else None,
+            "max_positions": loaded.max_length,
+        },
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "device": str(first.device),
+        "corpus": plan.data.description,
+        "probes": {p.name: p.params() for p in plan.probes},
+        "probe_corpora": {p.name: g.corpus.name for g in plan.groups for p in g.probes},
+        "skipped_probes": plan.skipped,
+        "options": options,
+        "versions": versions(),
+        "wall_time_s": run.wall_time(),
+        "forward_time_s": round(run.forward_time, 3),
+        "memory": peak_memory(first.device),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "resumed_from": run.resumed_from,
+        "fingerprint": run.fingerprint,
+    }
