@@ -201,3 +201,16 @@ def test_bad_inputs(tok):
         ruler.overlap([{"id": "a", "needle": "x"}], [{"id": "b", "needle": "y", "haystack": "h"}])
     with pytest.raises(OptionError, match="non-empty"):
         ruler.overlap([], [{"id": "b"}])
+
+
+def test_haystacks_are_reused_only_when_the_text_runs_out(tok):
+    # a few paragraphs hold fewer sentence starts than the items ask for: haystacks come back, and the
+    # items that share one share its cluster
+    items = ruler.generate("niah_single", tok, 40, [384], seed=3, per_haystack=1, text_range=(0.0, 0.02))
+    sizes = Counter(i.haystack for i in items)
+    assert max(sizes.values()) > 1
+    for item in items:
+        assert len(item.shares_haystack) == sizes[item.haystack] - 1
+    assert len({i.needle for i in items}) == 40  # needles are never reused
+    wide = ruler.generate("niah_single", tok, 40, [384], seed=3, per_haystack=1)
+    assert len({i.haystack for i in wide}) == 40

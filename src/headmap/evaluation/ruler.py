@@ -164,8 +164,13 @@ class _Prose:
                 para.append(p)
         return cls(words, para, paragraphs, first, last)
 
-    def start_of(self, paragraph: int) -> int:
-        return self.para.index(paragraph)
+    def starts(self) -> list[int]:
+        """Word indices where a sentence or a paragraph begins: the places a haystack may start."""
+        return [
+            k
+            for k in range(len(self.words))
+            if k == 0 or self.para[k] != self.para[k - 1] or _SENTENCE_END.search(self.words[k - 1])
+        ]
 
     def take(self, start: int, count: int) -> tuple[list[str], list[int]]:
         """``count`` words from word ``start``, wrapping around the pool."""
@@ -398,12 +403,13 @@ def _niah_spec(task: str, draw: _Draw, depths: list[float], echo: bool) -> _Spec
 
 def _vt_spec(draw: _Draw, depths: list[float]) -> _Spec:
     chains: list[tuple[list[str], str]] = []
-    for _ in range(VT_CHAINS):
+    while len(chains) < VT_CHAINS:
         names = [draw.word(5) for _ in range(VT_HOPS + 1)]
         value = str(draw.rng.randrange(10_000, 100_000))
-        while value in draw.values:
-            value = str(draw.rng.randrange(10_000, 100_000))
+        if value in draw.values or f"VAR {names[0]}={value}" in draw.used:
+            continue
         draw.values.add(value)
+        draw.used.add(f"VAR {names[0]}={value}")
         chains.append((names, value))
     placed: list[tuple[float, str]] = []
     per = VT_HOPS + 1
@@ -517,7 +523,7 @@ def generate(
     draw = _Draw(rng, set(_ids_of(exclude, "needles")))
     avoid_haystacks = set(_ids_of(exclude, "haystack"))
     if task == "common_words":
-        items = _common_words(count, rng, n, lengths, seed, avoid_haystacks)
+        items = _common_words(count, rng, draw, n, lengths, seed, avoid_haystacks)
     else:
         prose = _Prose.load((lo, hi))
         items = _from_prose(task, count, prose, rng, draw, n, lengths, seed, echo, per_haystack, avoid_haystacks)
@@ -556,20 +562,14 @@ def _from_prose(
     items: list[RulerItem] = []
     sample = prose.words[:3000]
     words_per_token = len(sample) / max(count(" ".join(sample), special=False), 1)
-    paragraphs = list(range(prose.first, prose.last))
+    starts = prose.starts()
+    fresh: dict[int, list[int]] = {}  # per length: starts not used yet, in a seeded order
     group = 0
     while len(items) < n:
         length = lengths[group % len(lengths)]
         group += 1
-        for _ in range(1000):
-            start_para = rng.choice(paragraphs)
-            haystack = f"prose:p{start_para}:L{length}"
-            if haystack not in avoid:
-                break
-        else:
-            raise OptionError("every haystack of this text range is excluded; widen text_range")
-        avoid.add(haystack)
-        start = prose.start_of(start_para)
+        start = _next_start(fresh.setdefault(length, []), starts, length, rng, avoid)
+        haystack = f"prose:w{start}:L{length}"
         estimate: int | None = None
         for _ in range(per_haystack):
             if len(items) >= n:
@@ -592,6 +592,17 @@ def _from_prose(
             item.seed = seed
             items.append(item)
     return items
+
+
+def _next_start(queue: list[int], starts: list[int], length: int, rng: random.Random, avoid: set[str]) -> int:
+    """A haystack start not used yet at this length and not excluded; once every start is used, they
+    are used again (the items then share that haystack, and its cluster, with the earlier ones)."""
+    if not queue:
+        queue.extend(k for k in starts if f"prose:w{k}:L{length}" not in avoid)
+        if not queue:
+            raise OptionError("every haystack of this text range is excluded; widen text_range or exclude less")
+        rng.shuffle(queue)
+    return queue.pop()
 
 
 def _haystack_item(
@@ -647,7 +658,6 @@ def _trim(text: str, most: int) -> str:
 def _documents(prose: _Prose, start: int, count_docs: int) -> list[tuple[str, list[int]]]:
     """``count_docs`` documents from word ``start`` on: whole paragraphs, merged until QA_DOC_WORDS words."""
     docs: list[tuple[str, list[int]]] = []
-    n = len(prose.words)
     p = prose.para[start]
     span = prose.last - prose.first
     while len(docs) < count_docs:
@@ -658,13 +668,11 @@ def _documents(prose: _Prose, start: int, count_docs: int) -> list[tuple[str, li
             have += len(prose.paragraphs[p].split())
             p = prose.first + (p - prose.first + 1) % span
         docs.append((_trim(" ".join(parts), QA_DOC_MAX_WORDS), used))
-        if len(docs) > n:  # cannot happen with a non-empty pool; a guard against an endless loop
-            break
     return docs
 
 
-def _keyword(docs: list[str], gold: int, rng: random.Random) -> str | None:
-    others: set[str] = set()
+def _keyword(docs: list[str], gold: int, rng: random.Random, banned: set[str]) -> str | None:
+    others: set[str] = set(banned)
     for i, d in enumerate(docs):
         if i != gold:
             others.update(w.lower() for w in _WORD.findall(d))
@@ -695,7 +703,9 @@ def _qa_item(
         ndocs = max(ndocs, 2)
         docs = _documents(prose, start, ndocs)
         gold = min(ndocs - 1, int(round(depth * (ndocs - 1))))
-        kw = _keyword([d for d, _ in docs], gold, random.Random(f"{seed_word}-{ndocs}"))
+        para = docs[gold][1][0]
+        banned = {u.split(":", 2)[2] for u in draw.used if u.startswith(f"qa:p{para}:")}
+        kw = _keyword([d for d, _ in docs], gold, random.Random(f"{seed_word}-{ndocs}"), banned)
         if kw is None:
             kw = "?"
         question = f'In which document does the word "{kw}" occur?'
@@ -714,6 +724,8 @@ def _qa_item(
     docs, gold, kw, question, prefix = holder[ndocs]
     if kw == "?":
         raise OptionError("could not find a word unique to one document; use a longer length or another seed")
+    needle = f"qa:p{docs[gold][1][0]}:{kw.lower()}"
+    draw.used.add(needle)
     labels = [str(i + 1) for i in range(len(docs))]
     right = labels[gold]
     near = [labels[j] for j in sorted(range(len(docs)), key=lambda j: (abs(j - gold), j)) if j != gold]
@@ -736,8 +748,8 @@ def _qa_item(
         target_length=length,
         cluster="",
         haystack="",
-        needle=f"qa:p{docs[gold][1][0]}:{kw.lower()}",
-        needles=[f"qa:p{docs[gold][1][0]}:{kw.lower()}"],
+        needle=needle,
+        needles=[needle],
         depth=round(gold / max(len(docs) - 1, 1), 4),
         paragraphs=sorted({p for _, used in docs for p in used}),
     )
@@ -753,7 +765,7 @@ def _cwe_frequencies(length: int) -> tuple[int, int]:
 
 
 def _common_words(
-    count: _Counter, rng: random.Random, n: int, lengths: list[int], seed: int, avoid: set[str]
+    count: _Counter, rng: random.Random, draw: _Draw, n: int, lengths: list[int], seed: int, avoid: set[str]
 ) -> list[RulerItem]:
     vocab = _vocabulary()
     intro = "A numbered list of words follows. A few of the words occur much more often than the others."
@@ -766,6 +778,8 @@ def _common_words(
         f_common, f_rare = _cwe_frequencies(length)
         order = list(vocab)
         rng.shuffle(order)
+        while "cw:" + "+".join(sorted(order[:CWE_COMMON])) in draw.used:
+            rng.shuffle(order)
         common, rare_pool = order[:CWE_COMMON], order[CWE_COMMON:]
         shuffle_seed = rng.random()
 
@@ -795,6 +809,7 @@ def _common_words(
         haystack = f"words:{digest}"
         avoid.add(haystack)
         needle = "cw:" + "+".join(sorted(common))
+        draw.used.add(needle)
         items.append(
             RulerItem(
                 id="",
