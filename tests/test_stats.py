@@ -28,7 +28,7 @@ def test_clopper_pearson_textbook_values():
     # 0/10: upper bound 1 - 0.025^(1/10) = 0.3085
     r = stats.clopper_pearson(0, 10)
     assert (r.low, r.high) == (0.0, pytest.approx(1 - 0.025 ** (1 / 10), abs=1e-12))
-    # 8/10: [0.4439, 0.9748] (e.g. Newcombe 1998, Table I, method 5)
+    # 8/10: [0.4439, 0.9748], the exact interval as binomial tables and calculators print it
     r = stats.clopper_pearson(8, 10)
     assert r.low == pytest.approx(0.4439, abs=PRINTED)
     assert r.high == pytest.approx(0.9748, abs=PRINTED)
@@ -36,7 +36,7 @@ def test_clopper_pearson_textbook_values():
 
 
 def test_wilson_textbook_values():
-    # 8/10: [0.4902, 0.9433] (Newcombe 1998, Table I, method 3)
+    # 8/10: [0.4902, 0.9433], the score interval as calculators print it
     r = stats.wilson(8, 10)
     assert r.low == pytest.approx(0.4902, abs=PRINTED)
     assert r.high == pytest.approx(0.9433, abs=PRINTED)
@@ -89,8 +89,8 @@ def test_sign_test_over_clusters_issue_case():
 
 
 def test_sample_size_textbook_values():
-    # Connor (1987); Chow, Shao & Wang, Sample Size Calculations in Clinical Research: p10 = 0.05,
-    # p01 = 0.45, two-sided alpha 0.05, power 0.80 -> 23 pairs
+    # Connor (1987)'s formula, the worked example its calculators give: p10 = 0.05, p01 = 0.45,
+    # two-sided alpha 0.05, power 0.80 -> 23 pairs
     assert stats.paired_sample_size(0.40, discordance=0.50).items == 23
     # discordance 0.45, difference 0.15 -> 155; discordance 0.30, difference 0.10 -> 234
     assert stats.paired_sample_size(0.15, discordance=0.45).items == 155
