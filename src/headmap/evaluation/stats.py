@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-from scipy import stats as _sp
 
 from ..errors import OptionError, TaskError
 
@@ -162,6 +163,59 @@ class SampleSize:
         return self.format()
 
 
+# -- distributions (numpy and the standard library only: scipy is not a dependency of headmap) -------
+
+
+def _z(q: float) -> float:
+    """The standard normal quantile of ``q``."""
+    return NormalDist().inv_cdf(q)
+
+
+@lru_cache(maxsize=64)
+def _log_factorials(n: int) -> np.ndarray:
+    """log k! for k = 0..n (a cumulative sum of logs: relative error about n * eps, far below what
+    the tests and the printed digits resolve)."""
+    out = np.zeros(n + 1)
+    if n:
+        out[1:] = np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))
+    out.flags.writeable = False
+    return out
+
+
+def _binom_pmf(n: int, p: float) -> np.ndarray:
+    """P(X = k) for k = 0..n, X ~ Binomial(n, p)."""
+    k = np.arange(n + 1)
+    if p <= 0.0:
+        return (k == 0).astype(np.float64)
+    if p >= 1.0:
+        return (k == n).astype(np.float64)
+    lf = _log_factorials(n)
+    return np.exp(lf[n] - lf[k] - lf[n - k] + k * math.log(p) + (n - k) * math.log1p(-p))
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k), X ~ Binomial(n, p)."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return float(min(1.0, _binom_pmf(n, p)[: k + 1].sum()))
+
+
+def _solve(f: Any, target: float) -> float:
+    """The p in [0, 1] where the increasing function ``f`` reaches ``target`` (bisection to 1e-15)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if f(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-15:
+            break
+    return (lo + hi) / 2
+
+
 # -- input checks ----------------------------------------------------------------------------------
 
 
@@ -247,15 +301,15 @@ def _groups(clusters: Sequence[Any] | None, n: int, field: str) -> np.ndarray:
 # -- a single accuracy -----------------------------------------------------------------------------
 
 
-def _cp_bounds(x: float, n: float, alpha: float) -> tuple[float, float]:
-    """Clopper-Pearson bounds from beta quantiles (fractional counts allowed, as Korn & Graubard use)."""
-    low = 0.0 if x <= 0 else float(_sp.beta.ppf(alpha / 2, x, n - x + 1))
-    high = 1.0 if x >= n else float(_sp.beta.ppf(1 - alpha / 2, x + 1, n - x))
+def _cp_bounds(x: int, n: int, alpha: float) -> tuple[float, float]:
+    """Clopper-Pearson bounds: ``low`` solves P(X >= x | p) = alpha/2, ``high`` solves P(X <= x | p) = alpha/2."""
+    low = 0.0 if x <= 0 else _solve(lambda p: 1.0 - _binom_cdf(x - 1, n, p), alpha / 2)
+    high = 1.0 if x >= n else _solve(lambda p: 1.0 - _binom_cdf(x, n, p), 1.0 - alpha / 2)
     return low, high
 
 
 def _wilson_bounds(x: float, n: float, alpha: float) -> tuple[float, float]:
-    z = float(_sp.norm.ppf(1 - alpha / 2))
+    z = _z(1 - alpha / 2)
     p = x / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -298,7 +352,7 @@ def _bonett_price(gained: float, lost: float, n: float, alpha: float) -> tuple[f
 
     Adding one to each discordant count keeps the variance positive, so the width is never zero.
     """
-    z = float(_sp.norm.ppf(1 - alpha / 2))
+    z = _z(1 - alpha / 2)
     pg, pl = (gained + 1) / (n + 2), (lost + 1) / (n + 2)
     centre = pg - pl
     half = z * math.sqrt((pg + pl - centre * centre) / (n + 2))
@@ -309,7 +363,7 @@ def _binom_two_sided(k: int, m: int) -> float:
     """Exact two-sided p of ``k`` successes of ``m`` under p = 1/2 (twice the smaller tail, at most 1)."""
     if m == 0:
         return 1.0
-    return float(min(1.0, 2.0 * _sp.binom.cdf(min(k, m - k), m, 0.5)))
+    return min(1.0, 2.0 * _binom_cdf(min(k, m - k), m, 0.5))
 
 
 def mcnemar_counts(gained: int, lost: int, n: int, level: float = LEVEL) -> PairedComparison:
@@ -573,7 +627,7 @@ def paired_sample_size(
         psi = _fraction("the discordance rate", discordance, high_open=False)
         if psi < d:
             raise OptionError(f"the discordance rate {psi} must be at least the effect size {d}")
-    za, zb = float(_sp.norm.ppf(1 - alpha / 2)), float(_sp.norm.ppf(power))
+    za, zb = _z(1 - alpha / 2), _z(power)
     pairs = (za * math.sqrt(psi) + zb * math.sqrt(max(psi - d * d, 0.0))) ** 2 / (d * d)
     deff = design_effect(icc, float(cluster_size))
     items = math.ceil(pairs * deff - 1e-9)
@@ -592,12 +646,19 @@ def mcnemar_power(n: int, effect: float, discordance: float, alpha: float = 0.05
     alpha = _fraction("alpha", alpha)
     if abs(effect) > psi:
         raise OptionError(f"the effect {effect} cannot exceed the discordance rate {psi}")
-    m = np.arange(n + 1)
-    weight = _sp.binom.pmf(m, n, psi)
+    weight = _binom_pmf(int(n), psi)  # how many pairs are discordant
     pi = (psi + effect) / (2 * psi)  # chance that a discordant pair is a gain
-    # largest k with P(X <= k | m, 1/2) <= alpha / 2: reject when min(gained, lost) <= k
-    k = _sp.binom.ppf(alpha / 2, m, 0.5)
-    k = np.where(_sp.binom.cdf(k, m, 0.5) <= alpha / 2 * (1 + 1e-12), k, k - 1)
-    reject = np.where(k >= 0, _sp.binom.cdf(k, m, pi) + _sp.binom.sf(m - k - 1, m, pi), 0.0)
-    # for k >= m / 2 the two tails overlap (only when alpha is near 1); cap at 1
-    return float(np.sum(weight * np.minimum(reject, 1.0)))
+    power = 0.0
+    for m in np.nonzero(weight > 1e-15)[0]:
+        m = int(m)
+        # reject when min(gained, lost) <= k, k the largest with P(X <= k | m, 1/2) <= alpha / 2
+        cdf_half = np.cumsum(_binom_pmf(m, 0.5))
+        k = int(np.searchsorted(cdf_half, alpha / 2 * (1 + 1e-12), side="right")) - 1
+        if k < 0:
+            continue
+        if m - k <= k:  # the two tails cover every outcome (only when alpha is near 1)
+            power += weight[m]
+            continue
+        pmf = _binom_pmf(m, pi)
+        power += weight[m] * min(1.0, pmf[: k + 1].sum() + pmf[m - k :].sum())
+    return float(power)
