@@ -31,9 +31,10 @@ def _count(tok, text, special=True):
 
 
 # The filler grows by one word (prose tasks), one rare word repeated f_rare times (common words: "123. word"
-# is at most 4 tokens here, f_rare <= 3) or one document (qa, at most QA_DOC_MAX_WORDS words, at most
-# 2 tokens a word here): the fitted context is within one step of the budget.
-SLACK = {"common_words": 12, "qa": 2 * ruler.QA_DOC_MAX_WORDS + 8}
+# is at most 4 tokens here, f_rare <= 3) or one word of the last document, which is dropped while it would
+# hold fewer than QA_MIN_WORDS words (qa, at most 2 tokens a word here): the fitted context is within one
+# such step of the budget.
+SLACK = {"common_words": 12, "qa": 2 * ruler.QA_MIN_WORDS + 8}
 WORD_SLACK = 8
 
 

@@ -58,6 +58,7 @@ VT_CHAINS = 2  # the queried chain and one distractor chain
 CWE_COMMON = 10
 QA_DOC_WORDS = 60  # a document is consecutive paragraphs with at least this many words
 QA_DOC_MAX_WORDS = 150  # ... cut after the last sentence that ends within this many words
+QA_MIN_WORDS = 20  # the last document, cut to fit the length, keeps at least this many words
 
 _ADJECTIVES = (
     "amber", "ancient", "brisk", "calm", "clever", "copper", "crimson", "curious", "dusty", "eager",
@@ -655,19 +656,30 @@ def _trim(text: str, most: int) -> str:
     return " ".join(words[: ends[-1] if ends and ends[-1] >= most // 3 else most])
 
 
-def _documents(prose: _Prose, start: int, count_docs: int) -> list[tuple[str, list[int]]]:
-    """``count_docs`` documents from word ``start`` on: whole paragraphs, merged until QA_DOC_WORDS words."""
+def _documents(prose: _Prose, start: int, words: int) -> list[tuple[str, list[int]]]:
+    """Documents from the paragraph of word ``start`` on, ``words`` words in all: whole paragraphs merged
+    until QA_DOC_WORDS words, cut to QA_DOC_MAX_WORDS; the last one cut to what is left (dropped when
+    that is under QA_MIN_WORDS)."""
     docs: list[tuple[str, list[int]]] = []
     p = prose.para[start]
     span = prose.last - prose.first
-    while len(docs) < count_docs:
+    total = 0
+    while total < words:
         parts, used, have = [], [], 0
         while have < QA_DOC_WORDS:
             parts.append(prose.paragraphs[p])
             used.append(p)
             have += len(prose.paragraphs[p].split())
             p = prose.first + (p - prose.first + 1) % span
-        docs.append((_trim(" ".join(parts), QA_DOC_MAX_WORDS), used))
+        text = _trim(" ".join(parts), QA_DOC_MAX_WORDS)
+        size = len(text.split())
+        if total + size > words:
+            rest = words - total
+            if rest < QA_MIN_WORDS:
+                break
+            text, size = " ".join(text.split()[:rest]), rest
+        docs.append((text, used))
+        total += size
     return docs
 
 
@@ -699,29 +711,28 @@ def _qa_item(
     depth = rng.choice(DEPTHS)
     holder: dict[str, Any] = {}
 
-    def build(ndocs: int) -> str:
-        ndocs = max(ndocs, 2)
-        docs = _documents(prose, start, ndocs)
+    def build(words: int) -> str:
+        docs = _documents(prose, start, words)
+        ndocs = len(docs)
         gold = min(ndocs - 1, int(round(depth * (ndocs - 1))))
         para = docs[gold][1][0]
         banned = {u.split(":", 2)[2] for u in draw.used if u.startswith(f"qa:p{para}:")}
-        kw = _keyword([d for d, _ in docs], gold, random.Random(f"{seed_word}-{ndocs}"), banned)
+        kw = _keyword([d for d, _ in docs], gold, random.Random(f"{seed_word}-{words}"), banned)
         if kw is None:
             kw = "?"
         question = f'In which document does the word "{kw}" occur?'
         prefix = f'Answer: The word "{kw}" occurs in Document' if echo else "Answer:"
         body = "\n\n".join(f"Document {i + 1}: {d}" for i, (d, _) in enumerate(docs))
-        holder[ndocs] = (docs, gold, kw, question, prefix)
+        holder[words] = (docs, gold, kw, question, prefix)
         return _prompt(intro, body, question, prefix)
 
     seed_word = rng.random()
     reserve = count(" Document 999", special=False)
     budget = length - reserve
-    doc_tokens = 2 * QA_DOC_WORDS / words_per_token  # documents hold QA_DOC_WORDS words or (often) more
-    guess = estimate if estimate is not None else max(2, int(budget / doc_tokens))
-    ndocs, context, tokens = _fit(build, count, length, reserve, guess, smallest=2)
-    ndocs = max(ndocs, 2)
-    docs, gold, kw, question, prefix = holder[ndocs]
+    smallest = QA_DOC_MAX_WORDS + QA_MIN_WORDS  # two documents at least
+    guess = estimate if estimate is not None else max(smallest, int(budget * words_per_token * 0.9))
+    words, context, tokens = _fit(build, count, length, reserve, guess, smallest=smallest)
+    docs, gold, kw, question, prefix = holder[words]
     if kw == "?":
         raise OptionError("could not find a word unique to one document; use a longer length or another seed")
     needle = f"qa:p{docs[gold][1][0]}:{kw.lower()}"
@@ -753,7 +764,7 @@ def _qa_item(
         depth=round(gold / max(len(docs) - 1, 1), 4),
         paragraphs=sorted({p for _, used in docs for p in used}),
     )
-    return item, ndocs
+    return item, words
 
 
 def _cwe_frequencies(length: int) -> tuple[int, int]:
