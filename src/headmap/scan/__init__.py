@@ -38,6 +38,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .. import rundir  # rundir:
 from ..atlas import HEADS_SCHEMA, MAPS_SCHEMA, TOKENS_SCHEMA, Atlas, empty_frame
 from ..corpus import DEFAULT_CORPUS, Batch, Corpus, load_corpus
 from ..engine import CONFIG as ENGINE_CONFIG
@@ -420,6 +421,33 @@ def scan(
     continues from that checkpoint when it belongs to the same run (else OutputError naming what
     differs); the checkpoint is removed once the run is written.
     """
+    # rundir: one writer per output folder: its lock is held from the start-up checks to the save
+    args = dict(locals())
+    if out is None:
+        return _scan(**args)
+    check_output_folder(Path(out), overwrite, resume=resume)  # rundir: before any model loads
+    with rundir.lock(Path(out), command=rundir.command_line()):  # rundir:
+        return _scan(**args)
+
+
+def _scan(  # rundir: the body of scan(), unchanged but for the lines marked rundir
+    model,
+    tokenizer,
+    probes,
+    corpus,
+    max_length,
+    batch_size,
+    limit,
+    dtype,
+    device,
+    out,
+    overwrite,
+    seed,
+    progress,
+    resume,
+    checkpoint_every_s,
+    strict,
+) -> Atlas:
     started = time.time()
     explicit = probes is not None and not (isinstance(probes, str) and not probes.strip())
     if explicit:
@@ -435,6 +463,7 @@ def scan(
         raise OptionError("resume=True needs out=..., the folder that holds the checkpoint")
     if out_dir is not None:
         check_output_folder(out_dir, overwrite, resume=resume)
+    started_from = rundir.run_stamp(out_dir) if out_dir is not None else None  # rundir: the run found at the start
     if model is None or isinstance(model, (str, Path)):
         loaded = load_model(str(model) if model is not None else None, dtype=dtype, device=device)
     else:
@@ -653,8 +682,11 @@ def scan(
             if out_dir is not None:
                 # The folder was checked before the first forward; what is in it now is this run's
                 # checkpoint or the run that --overwrite / --resume replaces.
-                atlas.save(out_dir, overwrite=True)
-                checkpoint.remove(out_dir)
+                try:  # rundir:
+                    rundir.check_unchanged(out_dir, started_from, overwrite)  # rundir: a run saved meanwhile
+                    atlas.save(out_dir, overwrite=True)
+                finally:  # rundir: also after a failed save: no stale checkpoint beside the old run
+                    checkpoint.remove(out_dir)
     except BaseException as exc:
         # Keep the completed batches, except after a HeadmapError: those follow from the inputs
         # (a corpus that does not fit a probe, NaN attention) and a resumed run would meet them again.
