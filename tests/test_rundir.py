@@ -461,3 +461,18 @@ def test_lock_and_staging_names_are_no_run(tmp_path):
     checkpoint.remove(out)  # a first checkpoint's staging folder that a kill left: removed
     assert not debris.exists()
     assert all(name in rundir.HEADMAP_NAMES for name in os.listdir(out))
+
+
+def test_replacing_through_a_link_and_from_inside(tmp_path, monkeypatch):
+    """--out a link to a folder replaces that folder (the link stays); --out . is replaced in place."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    make_atlas(seed=0).save(real)
+    link.symlink_to(real)
+    make_atlas(seed=1, tokens=False).save(link, overwrite=True)
+    assert link.is_symlink() and sorted(os.listdir(link)) == ["heads.parquet", "maps.parquet", "meta.json"]
+    pd.testing.assert_frame_equal(Atlas.load(real).heads, make_atlas(seed=1).heads)
+    monkeypatch.chdir(real)
+    make_atlas(seed=2).save(".", overwrite=True)
+    assert Path.cwd() == real.resolve() and (real / "tokens.parquet").is_file()
+    pd.testing.assert_frame_equal(Atlas.load(real).heads, make_atlas(seed=2).heads)
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]

@@ -19,6 +19,11 @@ program's, so that a teammate can read a run.
   stays in place for the holder's whole run; it holds the holder (pid, host, start, command) and is
   removed on release. A second writer is refused with one line naming the holder.
 
+A kill at the wrong moment can leave a staging folder beside the run folder: before the swap it
+holds only the new run (and hard links), after it the old run and any foreign folder not yet moved
+back. headmap never deletes such a folder itself; with the two-rename fallback a kill between the
+renames leaves the old run under the staging name and no run folder.
+
 Nothing here knows what the files hold.
 """
 
@@ -108,10 +113,10 @@ def check_output_folder(folder: Path, overwrite: bool, resume: bool = False) -> 
             "pass --resume to continue it, --overwrite to start over, or choose another folder"
         )
     if (folder / CHECKPOINT_DIR).is_dir():
-        warnings.warn(
+        warnings.warn(  # attributed here, so that the check made again under the lock does not repeat it
             f"ignoring {folder / CHECKPOINT_DIR}: it holds no {CHECKPOINT_FILE} (a checkpoint that was never "
             "completely written)",
-            stacklevel=3,
+            stacklevel=1,
         )
     ours = [name for name in RUN_FILES if name != CHECKPOINT_DIR and (folder / name).exists()]
     if ours:
@@ -163,6 +168,8 @@ def write_text(path: Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
@@ -384,8 +391,14 @@ def replacing(target: Path, ours: Callable[[str], bool], last: str | None = None
     folder, moved last when the folder must be replaced in place (a mount point, a parent that cannot
     be written). See the module docstring.
     """
-    target = Path(target)
-    inside = _exists(target) and (os.path.ismount(target) or not os.access(target.parent, os.W_OK))
+    target = Path(os.path.abspath(target))  # '.' has no name to stage beside
+    if target.is_symlink():
+        target = target.resolve()  # replace the folder the link points to, not the link
+    inside = _exists(target) and (
+        os.path.ismount(target)
+        or not os.access(target.parent, os.W_OK)
+        or Path.cwd().resolve().is_relative_to(target.resolve())  # this process works inside it: keep it in place
+    )
     where = target if inside else target.parent
     where.mkdir(parents=True, exist_ok=True)
     while True:
