@@ -92,9 +92,9 @@ def test_run_and_checkpoint_files_honour_the_umask(
         scan(tiny_llama_dir, corpus, run_dir, probes="sink,attention_maps")
         scan(tiny_llama_dir, corpus, run_dir, overwrite=True)  # a replaced folder too
         with monkeypatch.context() as m, pytest.raises(ScanInterrupted):
-            Interrupt(m, LlamaForCausalLM, "forward", at=2)
-            scan(tiny_llama_dir, corpus, stopped, checkpoint_every_s=0)
-    assert (stopped / CKPT / checkpoint.STATE_FILE).is_file()
+            Interrupt(m, LlamaForCausalLM, "forward", at=3)  # the first checkpoint staged, the second file by file
+            scan(tiny_llama_dir, corpus, stopped, checkpoint_every_s=0, batch_size=1)
+    assert checkpoint.read(stopped).done == 2
     for folder in (run_dir, stopped):
         found = modes(folder)
         assert found == {k: dir_mode if (folder / k).is_dir() else file_mode for k in found}, found
