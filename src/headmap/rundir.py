@@ -408,15 +408,16 @@ def replacing(target: Path, ours: Callable[[str], bool], last: str | None = None
             break
         except FileExistsError:
             continue
+    swapped: list[bool] = []
     try:
         yield stage
         fsync_dir(stage)
         if inside:
             _commit_in_place(stage, target, ours, last)
         else:
-            _swap(stage, target, ours)
+            _swap(stage, target, ours, swapped)
     except BaseException:
-        if _exists(stage):
+        if not swapped and _exists(stage):
             shutil.rmtree(stage, ignore_errors=True)  # new files and hard links only: the originals stay
         raise
 
@@ -447,9 +448,11 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _swap(stage: Path, target: Path, ours: Callable[[str], bool]) -> None:
+def _swap(stage: Path, target: Path, ours: Callable[[str], bool], swapped: list[bool]) -> None:
+    """Swap ``stage`` and ``target``, carry the foreign entries, clear the old folder; ``swapped`` marks the swap."""
     if not _exists(target):
         os.rename(stage, target)
+        swapped.append(True)
         fsync_dir(target.parent)
         return
     with contextlib.suppress(OSError):
@@ -474,7 +477,10 @@ def _swap(stage: Path, target: Path, ours: Callable[[str], bool]) -> None:
         except BaseException:
             os.rename(old, target)  # recovery: the old folder goes back
             raise
+        swapped.append(True)
         os.rename(old, stage)  # the old folder now sits where the stage was, as after an exchange
+    else:
+        swapped.append(True)
     fsync_dir(target.parent)
     old = stage  # holds the old folder from here on
     left = []
@@ -483,9 +489,9 @@ def _swap(stage: Path, target: Path, ours: Callable[[str], bool]) -> None:
             os.rename(old / name, target / name)
         except OSError:
             left.append(name)
-    for entry in os.scandir(old):
+    for entry in list(os.scandir(old)):
         try:
-            if entry.name in linked and entry.name not in left:
+            if entry.name in linked:
                 if _same_inode(Path(entry.path), target / entry.name):
                     os.unlink(entry.path)
             elif ours(entry.name):
