@@ -14,9 +14,11 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -476,3 +478,50 @@ def test_replacing_through_a_link_and_from_inside(tmp_path, monkeypatch):
     assert Path.cwd() == real.resolve() and (real / "tokens.parquet").is_file()
     pd.testing.assert_frame_equal(Atlas.load(real).heads, make_atlas(seed=2).heads)
     assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+
+
+SLOW_SCAN = """
+import sys, time
+from transformers import LlamaForCausalLM
+from headmap import cli
+forward = LlamaForCausalLM.forward
+def slow(self, *args, **kwargs):
+    time.sleep(0.5)  # long enough for the other writer to arrive while this scan runs
+    return forward(self, *args, **kwargs)
+LlamaForCausalLM.forward = slow
+sys.argv = ["headmap", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_two_scans_into_one_folder_at_once(monkeypatch, capsys, tiny_llama_dir, tmp_path):
+    """A real `headmap scan` runs in another process; a second scan into its --out is refused and changes nothing."""
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("\n".join(f"line {i} of a corpus that takes a while" for i in range(20)) + "\n")
+    out = tmp_path / "run"
+    args = ["scan", str(tiny_llama_dir), "--corpus", str(corpus), "--probes", "sink", "--batch-size", "1"]
+    args += ["--out", str(out), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(headmap.__file__).parents[1]), *sys.path]))
+    first = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SCAN, *args, "--checkpoint-every", "0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not (out / CKPT / checkpoint.STATE_FILE).exists() and first.poll() is None:
+            assert time.monotonic() < deadline, "the first scan wrote no checkpoint in time"
+            time.sleep(0.01)
+        assert first.poll() is None, first.communicate(timeout=WAIT_S)[1].decode()
+        code, _, err = run(monkeypatch, capsys, *args, "--probes", "entropy")  # a different scan
+        assert_one_line_error(code, err, f"--out {out} is in use", f"pid {first.pid}", "headmap scan")
+        code, _, err = run(monkeypatch, capsys, *args, "--probes", "entropy", "--overwrite")
+        assert_one_line_error(code, err, "is in use")
+    finally:
+        first.send_signal(signal.SIGTERM)  # it checkpoints and stops
+        _, stderr = first.communicate(timeout=WAIT_S)
+    assert first.returncode in (0, 128 + signal.SIGTERM), stderr.decode()
+    code, _, err = run(monkeypatch, capsys, *args, "--resume")  # the first scan's work is whole
+    assert code == 0, err
+    assert sorted(Atlas.load(out).heads.probe.unique()) == ["sink"]

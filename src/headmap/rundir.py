@@ -104,7 +104,10 @@ def check_output_folder(folder: Path, overwrite: bool, resume: bool = False) -> 
     if _exists(folder) and not folder.is_dir():
         raise OutputError(f"--out {folder} is a file, not a folder; choose a folder path")
     check_writable(folder)
-    if not folder.exists() or overwrite or resume:
+    if not folder.exists():
+        return
+    check_unlocked(folder)
+    if overwrite or resume:
         return
     if has_checkpoint(folder):
         done = progress_summary(folder)
@@ -315,6 +318,37 @@ def lock(folder: Path, command: str | None = None) -> Iterator[Path]:
                 folder.rmdir()  # only when empty: the scan failed before it wrote anything
 
 
+def check_unlocked(folder: Path) -> None:
+    """OutputError naming the holder when another writer (process or thread) holds the lock of ``folder``.
+
+    Only looks: the lock file is neither created nor changed. The calling thread's own lock is no obstacle.
+    """
+    folder = Path(folder)
+    with _held_guard:
+        mine = _held.get(os.path.realpath(folder))
+    if fcntl is None or (mine is not None and mine[0] == threading.get_ident()):
+        return
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutputError(_in_use(folder)) from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _in_use(folder: Path) -> str:
+    return (
+        f"--out {folder} is in use by another headmap writer ({lock_holder(folder)}); wait until it ends or "
+        "choose another folder"
+    )
+
+
 def _same_file(path: Path, fd: int) -> bool:
     try:
         st = os.stat(path)
@@ -336,10 +370,7 @@ def _acquire(folder: Path, path: Path) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputError(
-                f"--out {folder} is in use by another headmap writer ({lock_holder(folder)}); wait until it "
-                "ends or choose another folder"
-            ) from None
+            raise OutputError(_in_use(folder)) from None
         except OSError as exc:  # a file system without flock: go on unlocked rather than refuse to work
             if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 return fd
