@@ -396,3 +396,20 @@ def test_probe_without_state_makes_the_scan_unresumable(tiny_llama_dir, ragged_c
     assert not (out / CKPT).exists()
     with pytest.raises(OptionError, match="counter"):
         headmap.scan(str(tiny_llama_dir), probes=[Counter()], corpus=ragged_corpus, out=out, resume=True)
+
+
+def test_staging_left_by_a_kill_during_the_first_checkpoint_is_no_checkpoint(tiny_llama_dir, ragged_corpus, tmp_path):
+    """A kill while the first checkpoint is staged leaves a staging folder, never a partial checkpoint."""
+    from headmap import rundir
+
+    out = tmp_path / "run"
+    debris = out / f"{CKPT}{rundir.STAGE_MARK}dead"
+    debris.mkdir(parents=True)
+    (debris / checkpoint.STATE_FILE).write_bytes(b"half a zip")
+    kwargs = dict(probes="sink", corpus=ragged_corpus, progress=False)
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        headmap.scan(str(tiny_llama_dir), out=out, resume=True, **kwargs)
+    assert sorted(p.name for p in out.iterdir()) == ["heads.parquet", "meta.json"]  # the debris went with it
+    full = tmp_path / "full"
+    headmap.scan(str(tiny_llama_dir), out=full, **kwargs)
+    assert_same_tables(full, out)

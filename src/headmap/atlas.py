@@ -2,17 +2,23 @@
 
 A run folder holds ``heads.parquet`` (one row per probe, metric, layer, head), optionally
 ``tokens.parquet`` and ``maps.parquet`` (downsampled attention maps), ``meta.json``, and the
-HTML report ``report.html`` when asked for. headmap writes each file atomically (a temporary file
-renamed into place), refuses to write over another run unless asked to, and never deletes a file
-it did not write.
+HTML report ``report.html`` when asked for. A run is saved all or nothing: the new run is written
+into a staging folder beside the old one and the two are swapped (:func:`headmap.rundir.replacing`),
+so a save that fails (a full disk) leaves the old run whole. headmap refuses to write over another
+run unless asked to, holds the folder's lock while it writes, and never deletes a file it did not
+write (those are carried into the new folder).
+
+``meta.json`` lists the run's tables (``tables``: name -> bytes and sha256); :meth:`Atlas.load`
+refuses a folder whose tables are not the ones its meta.json lists (a mixed or damaged run).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import html
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import OutputError
-from .rundir import check_output_folder, write_text
+from .rundir import (
+    CHECKPOINT_DIR,
+    RUN_FILES,
+    RUN_TABLES,
+    check_output_folder,
+    is_temporary,
+    lock,
+    os_error_text,
+    replacing,
+    write_text,
+)
 
 FORMAT = "headmap-atlas/1"
 
@@ -100,30 +116,37 @@ class Atlas:
         return rows.pivot(index="layer", columns="head", values="value")
 
     def save(self, folder: str | Path, overwrite: bool = False) -> list[Path]:
-        """Write the run folder; returns the paths written."""
+        """Write the run folder, all or nothing; returns the paths written.
+
+        OutputError when the folder holds another run (without ``overwrite``), is held by another
+        writer, or the save fails (then the folder is as it was).
+        """
         folder = Path(folder)
         check_output_folder(folder, overwrite)
-        folder.mkdir(parents=True, exist_ok=True)
-        written = [
-            _write_parquet(folder / "heads.parquet", self.heads, HEADS_SCHEMA),
-        ]
-        if len(self.tokens):
-            written.append(_write_parquet(folder / "tokens.parquet", self.tokens, TOKENS_SCHEMA))
-        elif overwrite and (folder / "tokens.parquet").is_file():
-            (folder / "tokens.parquet").unlink()  # a stale table of the run being replaced
-        if len(self.maps):
-            written.append(_write_parquet(folder / "maps.parquet", self.maps, MAPS_SCHEMA))
-        elif overwrite and (folder / "maps.parquet").is_file():
-            (folder / "maps.parquet").unlink()
-        if overwrite and (folder / "report.html").is_file():
-            (folder / "report.html").unlink()  # the report of the run being replaced
-        meta = dict(self.meta, format=FORMAT)
-        written.append(write_text(folder / "meta.json", json.dumps(meta, indent=2, default=str) + "\n"))
-        return written
+        with lock(folder, command="Atlas.save"):
+            check_output_folder(folder, overwrite)  # again, now that no other writer can change it
+            frames = [("heads.parquet", self.heads, HEADS_SCHEMA)]
+            if len(self.tokens):
+                frames.append(("tokens.parquet", self.tokens, TOKENS_SCHEMA))
+            if len(self.maps):
+                frames.append(("maps.parquet", self.maps, MAPS_SCHEMA))
+            try:
+                with replacing(folder, ours=_is_run_file, last="meta.json") as stage:
+                    tables = {}
+                    for name, frame, schema in frames:
+                        tables[name] = _file_record(_write_parquet(stage / name, frame, schema))
+                    meta = dict(self.meta, format=FORMAT, tables=tables)
+                    write_text(stage / "meta.json", json.dumps(meta, indent=2, default=str) + "\n")
+            except OSError as exc:
+                raise OutputError(
+                    f"{os_error_text(exc, f'saving the run into {folder}')}; the folder is as it was"
+                    f"{'; free space and run again' if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ''}"
+                ) from None
+        return [folder / name for name, _, _ in frames] + [folder / "meta.json"]
 
     @classmethod
     def load(cls, folder: str | Path) -> Atlas:
-        """Read a run folder written by :meth:`save`."""
+        """Read a run folder written by :meth:`save` (OutputError naming what is wrong with it)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise OutputError(f"{folder} is not a folder; pass the --out folder of a headmap scan")
@@ -135,6 +158,7 @@ class Atlas:
             raise OutputError(f"{folder / 'meta.json'} is corrupt ({exc}); run the scan again") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise OutputError(f"{folder / 'meta.json'} is not a {FORMAT} file; run the scan again")
+        _check_tables(folder, meta.get("tables"))
         try:
             heads = pq.read_table(folder / "heads.parquet").to_pandas()
             tokens_path = folder / "tokens.parquet"
@@ -156,17 +180,57 @@ class Atlas:
         return summary_html(self)
 
 
+def _is_run_file(name: str) -> bool:
+    """Whether an entry of a run folder belongs to the run a save replaces (the checkpoint is the scan's)."""
+    files = [n for n in RUN_FILES if n != CHECKPOINT_DIR]
+    return name in files or is_temporary(name, files)
+
+
 def _write_parquet(path: Path, frame: pd.DataFrame, schema: pa.Schema) -> Path:
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with open(path, "wb") as fh:  # mode 0666 & ~umask
+        pq.write_table(table, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def _check_tables(folder: Path, tables: Any) -> None:
+    """Refuse a folder whose tables are not those its meta.json lists (runs saved before the list: not checked)."""
+    if tables is None:
+        return
+    fix = "it mixes the files of two runs or was damaged; run the scan again (with --overwrite)"
+    if not isinstance(tables, dict) or "heads.parquet" not in tables:
+        raise OutputError(f"{folder / 'meta.json'} lists no heads.parquet; {fix}")
+    for name in RUN_TABLES:
+        path = folder / name
+        record = tables.get(name)
+        if record is None:
+            if path.exists():
+                raise OutputError(f"{path} is not part of the run its meta.json describes; {fix}")
+            continue
+        if not path.is_file():
+            raise OutputError(f"{path} is missing (its meta.json lists it); {fix}")
+        try:
+            actual = _file_record(path)
+        except OSError as exc:
+            raise OutputError(f"{path} cannot be read ({exc.strerror}); {fix}") from None
+        if not isinstance(record, dict) or actual != {"bytes": record.get("bytes"), "sha256": record.get("sha256")}:
+            raise OutputError(
+                f"{path} is not the table its meta.json lists ({actual['bytes']} bytes, sha256 "
+                f"{actual['sha256'][:12]}, expected {record.get('bytes') if isinstance(record, dict) else '?'} bytes, "
+                f"sha256 {str(record.get('sha256') if isinstance(record, dict) else '?')[:12]}); {fix}"
+            )
 
 
 def summary_html(atlas: Atlas, k: int = 3) -> str:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from .. import rundir
 from ..atlas import Atlas
 from ..corpus import Corpus
 from ..engine import CONFIG as ENGINE_CONFIG
@@ -83,47 +85,47 @@ def scan(
     out_dir = check.options(batch_size, checkpoint_every_s, out, resume)
     if out_dir is not None:
         check_output_folder(out_dir, overwrite, resume=resume)
-    loaded = check.load(model, tokenizer, dtype, device)
-    chosen = named if named is not None else make_probes(default_probe_names(loaded.is_causal))
-    max_length = check.max_length(max_length, loaded)
-    check.model_kind(chosen, loaded)
+    # one writer per output folder: its lock is held from the start-up checks to the save
+    with rundir.lock(out_dir, command=rundir.command_line()) if out_dir is not None else nullcontext():
+        loaded = check.load(model, tokenizer, dtype, device)
+        chosen = named if named is not None else make_probes(default_probe_names(loaded.is_causal))
+        max_length = check.max_length(max_length, loaded)
+        check.model_kind(chosen, loaded)
 
-    # plan: which probe reads which corpus, in which batches, from where (a resumed scan)
-    make = corpus_maker(loaded, max_length, limit=limit, seed=seed, strict=strict)
-    plan = make_plan(chosen, named is not None, corpus, make, batch_size)
-    fp = checkpoint.fingerprint(
-        loaded, plan.probes, plan.data, max_length, batch_size, seed, ENGINE_CONFIG.budget_bytes
-    )
-    saves = resuming.can_save(plan.probes, out_dir, resume)
-    run = resuming.Run(out_dir, fp, len(plan.data), started, checkpoint_every_s, saves)
-    finished = resuming.start(run, plan, resume, overwrite)
-    if finished is not None:
-        return finished
-    options = {
-        "max_length": max_length,
-        "batch_size": batch_size,
-        "seed": seed,
-        "limit": limit,
-        "checkpoint_every_s": checkpoint_every_s,
-        "strict": strict,
-    }
+        # plan: which probe reads which corpus, in which batches, from where (a resumed scan)
+        make = corpus_maker(loaded, max_length, limit=limit, seed=seed, strict=strict)
+        plan = make_plan(chosen, named is not None, corpus, make, batch_size)
+        fp = checkpoint.fingerprint(
+            loaded, plan.probes, plan.data, max_length, batch_size, seed, ENGINE_CONFIG.budget_bytes
+        )
+        saves = resuming.can_save(plan.probes, out_dir, resume)
+        run = resuming.Run(out_dir, fp, len(plan.data), started, checkpoint_every_s, saves)
+        run.found = rundir.run_stamp(out_dir) if out_dir is not None else None  # the run in the folder now
+        finished = resuming.start(run, plan, resume, overwrite)
+        if finished is not None:
+            return finished
+        options = {
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "seed": seed,
+            "limit": limit,
+            "checkpoint_every_s": checkpoint_every_s,
+            "strict": strict,
+        }
 
-    try:
-        with sigterm_as_interrupt(out_dir is not None):
-            # loop
-            run_batches(loaded, plan, batch_size, run, progress)
-            emit_warnings(plan.probes)
-            # tables
-            heads = head_table(plan.probes)
-            meta = describe(loaded, plan, run, options)
-            tokens = token_table(plan.probes, loaded.tokenizer)
-            atlas = Atlas(heads=heads, meta=meta, tokens=tokens, maps=map_table(plan.probes))
-            if out_dir is not None:
-                # The folder was checked before the first forward; what is in it now is this run's
-                # checkpoint or the run that --overwrite / --resume replaces.
-                atlas.save(out_dir, overwrite=True)
-                checkpoint.remove(out_dir)
-    except BaseException as exc:
-        run.stopped(exc)  # keeps the completed batches; an interrupt becomes ScanInterrupted
-        raise
-    return atlas
+        try:
+            with sigterm_as_interrupt(out_dir is not None):
+                # loop
+                run_batches(loaded, plan, batch_size, run, progress)
+                emit_warnings(plan.probes)
+                # tables
+                heads = head_table(plan.probes)
+                meta = describe(loaded, plan, run, options)
+                tokens = token_table(plan.probes, loaded.tokenizer)
+                atlas = Atlas(heads=heads, meta=meta, tokens=tokens, maps=map_table(plan.probes))
+                if out_dir is not None:
+                    run.write(atlas, overwrite)
+        except BaseException as exc:
+            run.stopped(exc)  # keeps the completed batches; an interrupt becomes ScanInterrupted
+            raise
+        return atlas

@@ -8,8 +8,12 @@ every ``checkpoint_every_s`` seconds, and once more when it is interrupted):
   fingerprint, the layers seen, the time spent so far. ``--resume`` reads only this file.
 - ``progress.json``: a copy of the progress record, for people.
 
-Each file is written to a temporary file, flushed to disk and renamed into place, so a kill at
-any moment leaves either the previous checkpoint or the new one. Inputs are processed in corpus
+The first checkpoint is written into a staging folder renamed into place, later ones file by file
+through a temporary file flushed to disk and renamed into place, so a kill or a full disk at any
+moment leaves either the previous checkpoint or the new one, never a partial folder; a write that
+fails raises one OutputError and keeps the last good checkpoint. A checkpoint folder without its
+state file (left by an older version) is ignored with a warning. Files are created with mode
+``0666 & ~umask``. Inputs are processed in corpus
 order and a checkpoint is taken only between batches, so a resumed scan skips the first
 ``inputs_done`` inputs, forms the same batches as a scan that never stopped and adds the same
 numbers in the same order: its tables are bit-for-bit those of an uninterrupted run.
@@ -23,11 +27,13 @@ differs and names what differs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +45,19 @@ import numpy as np
 import torch
 
 from ..errors import OutputError
-from ..rundir import CHECKPOINT_DIR, PROGRESS_FILE
+from ..rundir import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    PROGRESS_FILE,
+    STAGE_MARK,
+    fsync_dir,
+    make_dir,
+    os_error_text,
+    staging_name,
+    temp_file,
+)
 
-STATE_FILE = "checkpoint.npz"
+STATE_FILE = CHECKPOINT_FILE
 FORMAT = "headmap-checkpoint/1"
 DEFAULT_EVERY_S = 30.0
 
@@ -224,8 +240,9 @@ def differences(old: dict[str, Any] | None, new: dict[str, Any], theirs: str = "
 # -- on disk -------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _write_file(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a temporary file flushed to disk and renamed into place."""
+    fd, tmp = temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -233,18 +250,8 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def write(
@@ -255,9 +262,13 @@ def write(
     states: Sequence[dict[str, np.ndarray]],
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint of ``done`` completed inputs into ``folder/.headmap-checkpoint``."""
-    target = Path(folder) / CHECKPOINT_DIR
-    target.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint of ``done`` completed inputs into ``folder/.headmap-checkpoint``.
+
+    OutputError (one line: what and what to do) when it cannot be written; the previous checkpoint,
+    if any, is then kept whole, and nothing partial is left.
+    """
+    folder = Path(folder)
+    target = folder / CHECKPOINT_DIR
     progress = {
         "format": FORMAT,
         "inputs_done": int(done),
@@ -272,8 +283,32 @@ def write(
     for i, state in enumerate(states):
         for key, value in state.items():
             arrays[f"p{i}.{key}"] = np.asarray(value)
-    _atomic_write(target / STATE_FILE, lambda fh: np.savez(fh, **arrays))
-    _atomic_write(target / PROGRESS_FILE, lambda fh: fh.write(text.encode("utf-8")))
+
+    def fill(into: Path) -> None:
+        _write_file(into / STATE_FILE, lambda fh: np.savez(fh, **arrays))
+        _write_file(into / PROGRESS_FILE, lambda fh: fh.write(text.encode("utf-8")))
+
+    stage = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if target.is_dir():
+            fill(target)  # file by file: each rename leaves the previous file or the new one
+            fsync_dir(target)
+        else:  # the first one: a whole folder or nothing
+            stage = make_dir(folder / staging_name(target))
+            fill(stage)
+            fsync_dir(stage)
+            os.rename(stage, target)
+            stage = None
+            fsync_dir(folder)
+    except OSError as exc:
+        space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        kept = "; the last checkpoint is kept" if (target / STATE_FILE).is_file() else ""
+        fix = "free space and run again with --resume" if space else "fix that and run again with --resume"
+        raise OutputError(f"{os_error_text(exc, f'writing the checkpoint into {folder}')}{kept}; {fix}") from None
+    finally:
+        if stage is not None and stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
     return target
 
 
@@ -285,7 +320,11 @@ def read(folder: Path) -> Checkpoint | None:
     path = target / STATE_FILE
     fix = "add --overwrite to discard it and start over"
     if not path.is_file():
-        raise OutputError(f"the checkpoint {target} has no {STATE_FILE} (it is incomplete); {fix}")
+        warnings.warn(
+            f"ignoring {target}: it holds no {STATE_FILE} (a checkpoint that was never completely written)",
+            stacklevel=3,
+        )
+        return None
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
@@ -303,17 +342,26 @@ def read(folder: Path) -> Checkpoint | None:
     return Checkpoint(done, total, fp, states, progress)
 
 
+def _ours(name: str) -> bool:
+    return name in (STATE_FILE, PROGRESS_FILE) or name.startswith((f".{STATE_FILE}.", f".{PROGRESS_FILE}."))
+
+
 def remove(folder: Path) -> None:
-    """Delete the files headmap wrote into the checkpoint folder, then the folder if nothing else is in it."""
-    target = Path(folder) / CHECKPOINT_DIR
-    if not target.is_dir():
+    """Delete the files headmap wrote into the checkpoint folder, then the folder if nothing else is in it.
+
+    Staging folders of a first checkpoint that a kill left behind go the same way.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
         return
-    for path in target.iterdir():
-        temporary = path.name.startswith((f".{STATE_FILE}.", f".{PROGRESS_FILE}."))
-        ours = path.name in (STATE_FILE, PROGRESS_FILE) or temporary
-        if ours and path.is_file():
-            path.unlink()
-    try:
-        target.rmdir()
-    except OSError:
-        pass  # it holds files headmap did not write: leave them
+    stages = [p for p in folder.iterdir() if p.name.startswith(f".{CHECKPOINT_DIR.lstrip('.')}{STAGE_MARK}")]
+    for target in [folder / CHECKPOINT_DIR, *stages]:
+        if not target.is_dir() or target.is_symlink():
+            continue
+        for path in target.iterdir():
+            if _ours(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink()
+        try:
+            target.rmdir()
+        except OSError:
+            pass  # it holds files headmap did not write: leave them

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import rundir
 from ..atlas import Atlas
 from ..errors import HeadmapError, OptionError, OutputError, ScanInterrupted
 from ..probes import Probe, supports_state
@@ -44,6 +45,8 @@ class Run:
     last: tuple[int, list | None] = (0, None)
     on_disk: int = 0  # inputs the checkpoint in ``out`` holds (for this run)
     last_write: float = field(default_factory=time.monotonic)
+    #: the finished run the folder held when the scan started (``rundir.run_stamp``), which it may replace
+    found: tuple[int, int, int, int] | None = None
 
     def wall_time(self) -> float:
         return round(self.wall_before + time.time() - self.started, 3)
@@ -73,6 +76,20 @@ class Run:
             },
         )
         self.on_disk = point[0]
+
+    def write(self, atlas: Atlas, overwrite: bool) -> None:
+        """Save the run into the output folder (all or nothing), then drop the checkpoint.
+
+        The folder was checked before the first forward: what is in it now is this run's checkpoint
+        or the run that --overwrite / --resume replaces. A finished run that another writer saved
+        meanwhile is refused (unless ``overwrite``). The checkpoint goes also after a failed save, so
+        that no stale checkpoint is left beside the old run.
+        """
+        try:
+            rundir.check_unchanged(self.out, self.found, overwrite)
+            atlas.save(self.out, overwrite=True)
+        finally:
+            checkpoint.remove(self.out)
 
     def stopped(self, exc: BaseException) -> None:
         """The scan stops with ``exc``: keep the completed batches; turn an interrupt into ScanInterrupted.
