@@ -43,3 +43,24 @@ ATTENTION_STAGES = 3
 #: Accumulations in one transformer layer when the batch size changes (every matmul may block differently):
 #: Q, K, V projections, Q K^T, softmax row sum, P V, output projection, MLP up (and gate), MLP down, norm.
 LAYER_STAGES = 9
+
+
+def eager_bound(keys: int, layers: int = 2, head_dim: int = 8) -> float:
+    """headmap's engine against eager attention, or against itself with other block shapes, on a model of
+    ``layers`` layers: per layer the attention's ATTENTION_STAGES sums plus one stage for the elementwise
+    steps (scale, mask, soft cap) rounded in another order, each of at most max(keys, head_dim) terms.
+    The defaults are the tiny models of tests/tiny_models.py (two layers, heads of 8 dimensions)."""
+    return reorder(max(keys, head_dim), (ATTENTION_STAGES + 1) * layers)
+
+
+def batch_bound(width: int, layers: int = 2) -> float:
+    """The same model on other batch sizes (every matmul may block differently): LAYER_STAGES sums per
+    layer of at most ``width`` terms (the largest of hidden size, MLP size and keys)."""
+    return reorder(width, LAYER_STAGES * layers)
+
+
+#: The tiny models of tests/tiny_models.py (two layers, heads of 8 dimensions) on inputs of at most 32
+#: tokens: engine against eager, 2 * 4 * 2 * gamma(32) ~ 3.1e-5 on probabilities and on per-input means
+#: of them. A standard error of n >= 2 such means moves by at most the same amount (the sample standard
+#: deviation is 1-Lipschitz in the max norm up to sqrt(n / (n - 1)), and is divided by sqrt(n)).
+TINY_EAGER = eager_bound(32)
