@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from bounds import eager_bound
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import headmap
@@ -37,7 +38,8 @@ def test_readme_probe_equals_brute_force(tiny_llama_dir):
         with headmap.observe(model, probes=[probe]):
             model(ids)
     expected = np.stack([a.diagonal(offset=-1, dim1=-2, dim2=-1).double().mean((0, -1)).numpy() for a in atts])
-    np.testing.assert_allclose(probe.values(), expected, atol=1e-6)
+    # engine vs eager, 17 keys, two layers: tests/bounds.py eager_bound(17) ~ 1.6e-5 (was 1e-6, measured)
+    np.testing.assert_allclose(probe.values(), expected, atol=eager_bound(17), rtol=0)
 
 
 def test_scan_returns_an_atlas_that_round_trips(tiny_llama_dir, tmp_path):

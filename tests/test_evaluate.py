@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bounds import batch_bound
 
 from headmap.corpus import Corpus, Sample
 from headmap.edits import Edit
@@ -28,6 +29,14 @@ from headmap.evaluation import (
     tune,
 )
 from headmap.models import load_model
+
+# The seeded tiny Llama of tests/conftest.py (random weights of std 0.02) has logits below 1 in absolute value,
+# so a relative bound on its logits is also an absolute one. A log-probability moves by at most twice the
+# largest logit change (log-sum-exp is 1-Lipschitz in the max norm, minus the target's logit); the
+# vocabulary's sum runs in the same order on both sides (the same kernel on rows of the same length), so it
+# adds no difference to first order. Other batch sizes block every matmul differently: batch_bound(64)
+# (tests/bounds.py; hidden 32, MLP 64, at most 64 keys).
+LOGPROB = 2 * batch_bound(64)  # per scored token
 
 ITEMS = [
     {"id": "a", "context": "The capital of France is", "options": [" Paris", " Rome", " a cat"], "answer": 0},
@@ -158,7 +167,8 @@ def test_option_scores_equal_a_brute_force_sum(tiny, tmp_path, batch_size):
     got = score_options(tiny.model, tiny.tokenizer, task.items, batch_size=batch_size)
     for item, scores in zip(ITEMS, got, strict=True):
         want = brute_force_logprobs(tiny.model, tiny.tokenizer, item)
-        np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+        # options of at most 4 tokens: 4 * LOGPROB ~ 1.1e-3 (was rtol=atol=1e-4, i.e. up to 4e-3 on these scores)
+        np.testing.assert_allclose(scores, want, rtol=0, atol=4 * LOGPROB)
     assert tiny.model.config._attn_implementation != "headmap"  # the session was closed
 
 
@@ -177,6 +187,7 @@ def test_evaluate_reports_paired_accuracy_and_items(tiny, tmp_path):
     items = result.items
     assert list(items.id) == [it["id"] for it in ITEMS]
     assert {"pred_base", "pred_edit", "correct_base", "correct_edit", "logprobs_base", "logprobs_edit"} <= set(items)
+    # float64 means of 0/1 over 5 items, computed the same way: pytest.approx's rel 1e-6 is far above gamma(5, U64)
     assert result.accuracy_base == pytest.approx(items.correct_base.mean())
     assert result.accuracy_edit == pytest.approx(items.correct_edit.mean())
     assert result.difference == pytest.approx(result.accuracy_edit - result.accuracy_base)
@@ -198,11 +209,12 @@ def test_compare_bootstrap_by_hand():
     edit[[1, 2, 4]] = True  # three items gained
     c = compare(base, edit, resamples=4000, seed=1)
     assert (c.n, c.gained, c.lost) == (30, 3, 0)
-    assert c.difference == pytest.approx(0.1)
+    assert c.difference == pytest.approx(0.1)  # 3/30 in float64: one rounding, far inside approx's rel 1e-6
     assert c.ci_difference[0] >= 0.0 and c.ci_difference[1] <= 0.3  # never below 0: no item was lost
     rng = np.random.default_rng(1)
     idx = rng.integers(0, 30, size=(4000, 30))
     diffs = (edit.astype(float) - base)[idx].mean(axis=1)
+    # the same float64 means and percentiles of the same draw: equal up to a few roundings (approx's rel 1e-6)
     assert c.ci_difference == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
     same = compare(base, base)
     assert same.ci_difference == (0.0, 0.0) and same.difference == 0.0
@@ -227,7 +239,7 @@ def test_needle_accuracy_on_given_needles(tiny):
     corpus = Corpus("given", samples, {})
     result = needle_accuracy(tiny.model, tiny.tokenizer, [Neutral()], needles=corpus, bootstrap=200)
     assert list(result.items.correct_base) == [True, False, True]
-    assert result.accuracy_base == result.accuracy_edit == pytest.approx(2 / 3)
+    assert result.accuracy_base == result.accuracy_edit == pytest.approx(2 / 3)  # a float64 mean of 3 items
 
 
 def test_needle_corpus_end_to_end(tiny):
@@ -301,6 +313,7 @@ def test_predict_probability_of_the_answer(tiny, tmp_path):
     pred = predict(tiny.model, tiny.tokenizer, task)
     for p, lps, item in zip(pred.p_answer, pred.logprobs, ITEMS, strict=True):
         soft = np.exp(lps) / np.exp(lps).sum()
+        # both in float64 from the same log-probabilities: a softmax of at most 4 terms, gamma(8, U64) << 1e-6
         assert p == pytest.approx(soft[item["answer"]], rel=1e-6)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import eager_bound
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import headmap
@@ -71,7 +72,7 @@ def head_lasso(model: LlamaForCausalLM, all_weights: bool) -> torch.Tensor:
         if all_weights:
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                 sq = sq + proj.weight.view(HEADS, HEAD_DIM, HIDDEN).pow(2).sum((1, 2))
-        total = total + sq.add(1e-12).sqrt().sum()
+        total = total + sq.add(1e-12).sqrt().sum()  # 1e-12 keeps sqrt's gradient finite at 0: not a tolerance
     return total
 
 
@@ -220,7 +221,9 @@ def test_planted_heads_equal_brute_force(trained, eval_ids, atlas):
     for probe, want in expected.items():
         got = atlas.grid(probe).to_numpy()
         assert got.shape == (LAYERS, HEADS)
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=probe)
+        # engine vs the model's own attention: two layers, heads of 32 dimensions, at most 32 keys:
+        # eager_bound(32, LAYERS, HEAD_DIM) ~ 3.1e-5 (tests/bounds.py; was 1e-5)
+        np.testing.assert_allclose(got, want, atol=eager_bound(32, LAYERS, HEAD_DIM), rtol=0, err_msg=probe)
         assert np.unravel_index(got.argmax(), got.shape) == np.unravel_index(want.argmax(), want.shape)
 
 

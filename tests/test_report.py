@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import synthetic_atlas
+from bounds import U64, reorder
 from synthetic_atlas import EVIL, EVIL_FILE, EVIL_MODEL, make_atlas
 
 from headmap import cli
@@ -150,6 +151,8 @@ def test_map_quantisation_is_close():
     want = np.zeros((4, 4, 8, 8))
     m = atlas.maps
     want[m.layer, m["head"], m.row_bin, m.col_bin] = m.value
+    # 8-bit codes of sqrt(v / scale): a code is off by at most 1/2 step of 1/255, so v by at most
+    # scale * (2 x (0.5 / 255) + (0.5 / 255)^2) <= scale / 255 * (1 + 1/510); 2 / 255 of the largest is a bound
     np.testing.assert_allclose(decoded, want, atol=2.0 / 255 * want.max(), rtol=0)
 
 
@@ -180,7 +183,9 @@ def test_pooled_maps_equal_maps_of_fewer_bins():
                 cells[i * bins // t, j * bins // t] += 1
         return out / cells
 
-    np.testing.assert_allclose(_pool(pooled(8), t, 2), pooled(4), rtol=1e-12)
+    # float64 means of positive terms over cells of at most 10 x 10 entries, summed in two orders:
+    # reorder(100, u=U64) ~ 2.2e-14 plus the divisions (was rtol=1e-12)
+    np.testing.assert_allclose(_pool(pooled(8), t, 2), pooled(4), rtol=reorder(100, u=U64) + 4 * U64)
 
 
 def test_large_maps_are_pooled_and_limited(monkeypatch):

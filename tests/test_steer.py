@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tiny_models
 import torch
+from bounds import TINY_EAGER
 
 import headmap
 from headmap import cli
@@ -76,7 +77,9 @@ def test_an_atlas_measured_while_steering_shows_the_edited_attention():
                     first[h] = s * first[h] / (s * first[h] + 1 - first[h])
             want[layer] += first.mean(-1) / len(inputs)
     got = atlas.grid("sink").to_numpy()
-    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    # engine vs eager (TINY_EAGER relative to each probability, tests/bounds.py), through s p / (s p + 1 - p),
+    # which at most doubles a relative error (numerator and denominator): 2 * TINY_EAGER (was 1e-6)
+    np.testing.assert_allclose(got, want, atol=2 * TINY_EAGER, rtol=0)
     assert np.abs(want - unedited).max() > 0.01
 
 
