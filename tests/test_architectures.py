@@ -16,12 +16,14 @@ model whose layers do not go through ``AttentionInterface``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
-from bounds import ATTENTION_STAGES, gamma, reorder
+from bounds import ATTENTION_STAGES, U64, gamma, reorder
 
 import headmap
 from headmap.engine import attention as attention_module
@@ -288,9 +290,11 @@ class Capture(Probe):
             )
         )
 
-    def dense(self, layer: int, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense(
+        self, layer: int, shape: tuple[int, int, int, int], dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, H, Tq, Tk] probabilities of ``layer`` and [Tq] count of blocks covering each row."""
-        out = torch.zeros(shape)
+        out = torch.zeros(shape, dtype=dtype)
         rows = torch.zeros(shape[2], dtype=torch.long)
         for lay, q0, q1, k0, k1, probs, _ in self.blocks:
             if lay == layer:
@@ -391,6 +395,62 @@ def test_probe_probabilities_match_eager(name, models, tiny_budget):
             assert float(sums.max()) < 1 - ROW_SUM_ABS and float(sums.min()) < 0.9
         else:
             assert torch.allclose(sums, torch.ones_like(sums), rtol=0, atol=ROW_SUM_ABS)
+
+
+# --------------------------------------------------------------------------------------------
+# 2b. float64: the block-wise algorithm itself, at float64 rounding
+# --------------------------------------------------------------------------------------------
+
+# A float64 model keeps float64 logits, softmax and probabilities in the engine (engine.attention.
+# softmax_dtype), so engine and eager differ only by float64 reorderings of the same chain as above:
+# 2 * 4 * LAYERS * gamma_64(SEQ) ~ 2.8e-14, relative to the largest logit, absolute on probabilities.
+# This is where "exact" is checked tightly: a wrong mask, window, cap, scale or sink moves the numbers
+# by 1e-1, a lost or doubled key by 1e-2, far above 1e-13.
+FP64_REL = reorder(max(SEQ, HEAD_DIM), (ATTENTION_STAGES + 1) * LAYERS, u=U64)
+
+
+# gpt-oss is left out: its mixture-of-experts layer calls torch._grouped_mm, which has no float64 kernel.
+FP64_PARAMS = [p for p in PARAMS if p.id != "gpt_oss"]
+
+
+@contextlib.contextmanager
+def float64_eager_softmax():
+    """transformers' eager attention takes its softmax in float32 (``softmax(..., dtype=torch.float32)``)
+    whatever the model's dtype; for a float64 reference, keep float64 inputs in float64."""
+    original = torch.nn.functional.softmax
+
+    def softmax(x, dim=None, _stacklevel=3, dtype=None):
+        return original(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype)
+
+    torch.nn.functional.softmax = softmax
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = original
+
+
+@pytest.mark.parametrize("name", FP64_PARAMS)
+def test_fp64_logits_and_probabilities_match_eager(name, models, tiny_budget):
+    arch = ARCH_BY_NAME[name]
+    model = copy.deepcopy(models[name]).double()
+    inputs = batch(arch.encoder)
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        with float64_eager_softmax():
+            ref = model(**inputs, output_attentions=True)
+        cap = Capture()
+        with headmap.observe(model, probes=[cap]):
+            assert model.config._attn_implementation == "headmap"
+            out = model(**inputs).logits
+    assert out.dtype == torch.float64 and ref.attentions[0].dtype == torch.float64
+    got_logits, exp_logits = out[valid], ref.logits[valid]
+    assert float((got_logits - exp_logits).abs().max() / exp_logits.abs().max()) <= FP64_REL
+    for layer, expected in enumerate(ref.attentions):
+        got, rows = cap.dense(layer, tuple(expected.shape), dtype=torch.float64)
+        assert torch.equal(rows, torch.ones_like(rows))
+        rows_valid = valid[:, None, :, None].expand_as(expected)
+        diff = (got - expected).abs()[rows_valid]
+        assert float(diff.max()) <= FP64_REL, f"layer {layer}: max |p - p_eager| = {float(diff.max()):.3g}"
 
 
 # --------------------------------------------------------------------------------------------

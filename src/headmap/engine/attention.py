@@ -3,7 +3,7 @@
 One function with transformers' attention signature serves every model that calls
 ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``. For each block of query rows it computes
 the logits against every key those rows can see (skipping keys the mask removes for the whole
-block), applies edits, takes the softmax in float32, hands the probabilities to the probes, and
+block), applies edits, takes the softmax in float32 (float64 for a float64 model), hands the probabilities to the probes, and
 multiplies the same probabilities by V. No [T, T] matrix exists: a block holds at most
 ``budget_bytes`` of float32 probabilities (plus a few temporaries of the same size).
 """
@@ -188,7 +188,7 @@ def headmap_attention_forward(
     )
     sink_logits = None
     if s_aux is not None:
-        sink_logits = s_aux.reshape(1, heads, 1, 1).float()
+        sink_logits = s_aux.reshape(1, heads, 1, 1).to(softmax_dtype(query.dtype))
 
     train_dropout = dropout if module.training and dropout > 0 else 0.0
     track_grad = torch.is_grad_enabled() and any(
@@ -278,6 +278,15 @@ def headmap_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the logits, softmax and probabilities: float32, or float64 for a float64 model.
+
+    Half-precision models get float32 (their logits are widened once per block); a float64 model
+    keeps float64, so that exactness tests can compare against eager attention at float64 rounding.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_finite(out: torch.Tensor, block: Block) -> None:
     """Raise NumericalError naming the first layer, head and query whose attention output is not finite."""
     finite = torch.isfinite(out).all(dim=-1) | ~block.query_valid[:, None, :]  # [B, H, rows]
@@ -313,7 +322,7 @@ def _attend_block(
     # matmul here, and fresh allocations cost more.
     inplace = not torch.is_grad_enabled()
     logits = torch.matmul(qg, kb.transpose(-1, -2)).view(batch, heads, rows, keys)
-    if logits.dtype != torch.float32:
+    if logits.dtype != softmax_dtype(logits.dtype):
         logits = logits.float()
     if scaling != 1.0:
         logits = logits.mul_(scaling) if inplace else logits * scaling
