@@ -398,3 +398,47 @@ def test_steer_model_defaults_to_the_builtin_and_shows_newlines(monkeypatch, cap
     assert "Hi\\nthere" in out
     rows = [line for line in out.splitlines() if line.startswith("│")]
     assert all(line.strip("│ ") for line in rows), out  # no blank row inside the table
+
+
+def _spoil_config(folder: Path) -> None:
+    (folder / "config.json").write_text('{"model_type": "llama",\n  "hidden_size": 32,,\n}')
+
+
+def _config_list(folder: Path) -> None:
+    (folder / "config.json").write_text("[1, 2]")
+
+
+def _damage_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+
+
+def _drop_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _spoil_tokenizer(folder: Path) -> None:
+    (folder / "tokenizer.json").write_text("{oops")
+
+
+@pytest.mark.parametrize(
+    "spoil, needles",
+    [
+        (_spoil_config, ["config.json is not valid JSON", "line 2 column 21"]),
+        (_config_list, ["config.json holds a JSON list"]),
+        (_damage_weights, ["weights in", "damaged or incomplete"]),
+        (_drop_tokenizer, ["has no tokenizer files"]),
+        (_spoil_tokenizer, ["tokenizer.json is not valid JSON"]),
+    ],
+    ids=["config-not-json", "config-a-list", "weights-truncated", "no-tokenizer", "tokenizer-not-json"],
+)
+def test_broken_model_folder_is_one_line(monkeypatch, capsys, tiny_llama_dir, tmp_path, spoil, needles):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    spoil(folder)
+    code, _, err = run(monkeypatch, capsys, "scan", str(folder), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "run").exists()

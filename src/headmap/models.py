@@ -205,28 +205,103 @@ def _model_class(config: Any):
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 
+def _why(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (loaders write several), at most ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_json(file: Path, what: str) -> Any:
+    """The JSON in ``file``; ModelError naming the file and what is wrong with it (``what``: whose file it is)."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{file} is not UTF-8 text ({exc.reason} at byte {exc.start}); replace it") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read {file}: {exc.strerror or _why(exc)}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(
+            f"{file} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); fix it or replace it "
+            f"with {what}"
+        ) from None
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` as a dict; ModelError naming the file and what is wrong with it."""
+    file = folder / "config.json"
+    config = _read_json(file, "the model's own config.json")
+    if not isinstance(config, dict):
+        raise ModelError(f"{file} holds a JSON {type(config).__name__}, not an object with the model's settings")
+    return config
+
+
+#: Files a tokenizer is read from (one of them must be in a model folder).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """One line when the folder has no tokenizer file, or one of its JSON files is broken."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"folder {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); copy the model's "
+            "tokenizer files beside its config.json"
+        )
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            _read_json(folder / name, f"the model's own {name}")
+
+
 def _load_folder(path: Path, dtype: torch.dtype | None, **kw: Any):
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoTokenizer
 
+    read_config_json(path)  # one line naming the file, instead of the loader's traceback
     try:
         config = AutoConfig.from_pretrained(path, **kw)
     except ValueError as exc:  # unknown model_type
         raise ModelError(
-            f"transformers {_tf_version()} does not know the architecture in {path / 'config.json'}: {exc}. "
+            f"transformers {_tf_version()} does not know the architecture in {path / 'config.json'}: {_why(exc)}. "
             "Upgrade transformers or use a supported model"
         ) from exc
+    except (OSError, TypeError, KeyError) as exc:
+        raise ModelError(f"cannot read the config of {path}: {_why(exc)}") from exc
     cls = _model_class(config)
     try:
         model = cls.from_pretrained(path, dtype=dtype or "auto", **kw)
     except (ValueError, OSError) as exc:
-        raise ModelError(f"cannot load a model from {path}: {exc}") from exc
+        raise ModelError(f"cannot load a model from {path}: {_why(exc)}") from exc
+    except SafetensorError as exc:
+        raise ModelError(
+            f"the weights in {path} are damaged or incomplete ({_why(exc)}); download or copy them again"
+        ) from exc
+    except RuntimeError as exc:
+        if "mismatch" in str(exc):
+            raise ModelError(
+                f"the weights in {path} do not fit its config.json (tensor shapes differ); the config and the "
+                "weights must come from the same model"
+            ) from exc
+        raise ModelError(f"cannot load a model from {path}: {_why(exc)}") from exc
     from .engine import check_supported
 
     check_supported(model)  # before the tokenizer: say the important thing first
+    _check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    except (ValueError, OSError, TypeError) as exc:
-        raise ModelError(f"cannot load a tokenizer from {path} ({exc}); the folder needs its tokenizer files") from exc
+    except Exception as exc:  # noqa: BLE001  (tokenizer backends raise plain Exception too)
+        raise ModelError(
+            f"cannot load a tokenizer from {path} ({_why(exc)}); the folder needs its tokenizer files"
+        ) from exc
     return model, tokenizer
 
 
