@@ -11,34 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .edits import Ablate, Edit, SpanEdit, make_edits
+from .edits import Edit, make_edits
 from .engine.session import Session
-from .errors import EditError
 
 
 def prepare(edits: Iterable[Edit], tokenizer: Any, prompt: str | None = None) -> None:
-    """Resolve what needs the tokenizer: text spans (found in ``prompt``) and text-file references of mean ablation.
-
-    A positional span is checked to fit the prompt. Ablate's ``reference`` may be the path of a UTF-8
-    text file, one reference input per line.
-    """
+    """Let each edit resolve what needs the tokenizer (:meth:`Edit.prepare`): text spans found in
+    ``prompt`` (a positional span checked to fit it), text-file references of mean ablation tokenised."""
     for edit in edits:
-        if isinstance(edit, SpanEdit) and prompt is not None:
-            edit.locate(tokenizer, prompt)
-        if isinstance(edit, Ablate) and isinstance(edit.reference, (str, Path)):
-            path = Path(edit.reference).expanduser()
-            if not path.is_file():
-                raise EditError(f"ablate: reference file {path} does not exist (a UTF-8 text file, one input per line)")
-            try:
-                lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            except (OSError, UnicodeDecodeError) as exc:
-                raise EditError(f"ablate: cannot read reference file {path}: {exc}") from exc
-            if not lines:
-                raise EditError(f"ablate: reference file {path} has no text")
-            edit.reference = [tokenizer(line, return_tensors="pt") for line in lines]
+        edit.prepare(tokenizer, prompt)
 
 
 def steer(
