@@ -442,3 +442,25 @@ def test_broken_model_folder_is_one_line(monkeypatch, capsys, tiny_llama_dir, tm
     code, _, err = run(monkeypatch, capsys, "scan", str(folder), "--out", str(tmp_path / "run"))
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, shown", [("--no-progress", False), ("--progress", False)])
+def test_scan_progress_flag_reaches_the_model_loader(monkeypatch, capsys, tmp_path, flag, shown):
+    """--no-progress silences the GGUF dequantization bar too (and off a terminal, --progress shows none)."""
+    import importlib
+
+    from headmap import models
+    from headmap.errors import OptionError
+
+    scanning = importlib.import_module("headmap.scan")  # the package (headmap.scan is also the function)
+    seen = {}
+
+    def fake_scan(*args, **kwargs):
+        seen["loader"] = models._show_progress(None)
+        seen["scan"] = kwargs["progress"]
+        raise OptionError("stop here")
+
+    monkeypatch.setattr(scanning, "scan", fake_scan)
+    code, _, err = run(monkeypatch, capsys, "scan", flag, "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "stop here")
+    assert seen == {"loader": shown, "scan": shown}
