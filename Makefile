@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/headmap scan --out runs/demo --overwrite
+	$(BIN)/headmap scan --out runs/demo --overwrite --report
+	@echo
+	@echo "Open $(CURDIR)/runs/demo/report.html in a browser (one file, no network needed):"
+	@echo "  SmolLM2's 30 x 9 heads as layer x head heatmaps per measure and by category; click a head for its attention maps; the tokens coloured by the attention they draw, and the attention sinks."
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -299,3 +299,168 @@ def test_repeat_probes_need_the_repeats_corpus(monkeypatch, capsys, tiny_llama_d
     )
     assert_one_line_error(code, err, "repeats")
     assert not (tmp_path / "r").exists()
+
+
+# -- usage mistakes: click's usage message, its --help hint and exit code 2, never a traceback ----------
+
+
+@pytest.mark.parametrize(
+    "args, command, needle",
+    [
+        (["nosuchcommand"], "headmap", "No such command 'nosuchcommand'"),
+        (["--no-such-flag"], "headmap", "No such option: --no-such-flag"),
+        (["scan", "--no-such-flag"], "headmap scan", "No such option: --no-such-flag"),
+        (["scan", "--probes"], "headmap scan", "Option '--probes' requires an argument"),
+        (["scan", "--max-length", "many"], "headmap scan", "Invalid value for '--max-length'"),
+        (["steer", "--prompt", "hi"], "headmap steer", "Missing option '--edit'"),
+        (["steer", "--edit", "temperature:tau=2"], "headmap steer", "Missing option '--prompt'"),
+        (["report"], "headmap report", "Missing argument"),
+        (["eval", "--bogus"], "headmap eval", "No such option: --bogus"),
+    ],
+)
+def test_usage_mistakes_get_the_usage_message(monkeypatch, capsys, args, command, needle):
+    code, out, err = run(monkeypatch, capsys, *args)
+    assert code == 2, err
+    assert "Traceback" not in err + out
+    assert err.startswith(f"Usage: {command} "), err
+    assert f"Try '{command} --help' for help." in err
+    assert needle in err
+
+
+def test_no_arguments_prints_the_help(monkeypatch, capsys):
+    code, out, err = run(monkeypatch, capsys)
+    assert code == 2
+    assert "Traceback" not in out + err
+    assert "scan" in out + err and "steer" in out + err
+
+
+def test_console_script_usage_mistake(tmp_path):
+    exe = Path(sys.executable).with_name("headmap")
+    proc = subprocess.run([str(exe), "scan", "--no-such-flag"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[:2] == [
+        "Usage: headmap scan [OPTIONS] [model]",
+        "Try 'headmap scan --help' for help.",
+    ]
+    assert proc.stderr.strip().endswith("Error: No such option: --no-such-flag")
+
+
+# -- help texts: paragraphs reflowed (no line cut mid-sentence), brackets shown ----------------------------
+
+
+@pytest.mark.parametrize("command", ["scan", "steer", "eval", "tune", "report"])
+def test_help_paragraphs_are_not_cut_mid_sentence(monkeypatch, capsys, command):
+    """On a terminal wide enough for every paragraph, each paragraph of the docstring is one line of --help."""
+    import inspect
+
+    from headmap.cli import app
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    code, out, _ = run(monkeypatch, capsys, command, "--help")
+    assert code == 0
+    info = next(c for c in app.registered_commands if (c.name or c.callback.__name__) == command)
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    for paragraph in inspect.getdoc(info.callback).split("\n\n"):
+        words = " ".join(paragraph.split())
+        assert any(words in line for line in lines), f"{command} --help cuts the paragraph {words!r}:\n{out}"
+
+
+def test_help_shows_brackets(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")
+    code, out, _ = run(monkeypatch, capsys, "steer", "--help")
+    assert code == 0
+    flat = " ".join(out.replace("│", " ").split())
+    assert "heads=[[layer,head],...]" in flat
+    assert "span=[start,end]" in flat
+
+
+def test_steer_model_defaults_to_the_builtin_and_shows_newlines(monkeypatch, capsys):
+    """MODEL is optional (as for scan, eval, tune); line breaks of a generation show as \\n, not blank rows."""
+    import importlib
+
+    from headmap.steer import Comparison
+
+    steering = importlib.import_module("headmap.steer")  # the module (headmap.steer is also the function)
+
+    seen = {}
+
+    def fake_compare(model, edits, prompt, **kwargs):
+        seen["model"] = model
+        return Comparison("m", prompt, ["temperature"], "\n\nHello\tworld", "Hi\nthere", [1, 2], [3])
+
+    monkeypatch.setattr(steering, "compare", fake_compare)
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, err = run(monkeypatch, capsys, "steer", "--edit", "temperature:tau=2", "--prompt", "hi")
+    assert code == 0, err
+    assert seen["model"] is None  # load_model(None) is the built-in smollm2
+    assert "\\n\\nHello\\tworld" in out
+    assert "Hi\\nthere" in out
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert all(line.strip("│ ") for line in rows), out  # no blank row inside the table
+
+
+def _spoil_config(folder: Path) -> None:
+    (folder / "config.json").write_text('{"model_type": "llama",\n  "hidden_size": 32,,\n}')
+
+
+def _config_list(folder: Path) -> None:
+    (folder / "config.json").write_text("[1, 2]")
+
+
+def _damage_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+
+
+def _drop_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _spoil_tokenizer(folder: Path) -> None:
+    (folder / "tokenizer.json").write_text("{oops")
+
+
+@pytest.mark.parametrize(
+    "spoil, needles",
+    [
+        (_spoil_config, ["config.json is not valid JSON", "line 2 column 21"]),
+        (_config_list, ["config.json holds a JSON list"]),
+        (_damage_weights, ["weights in", "damaged or incomplete"]),
+        (_drop_tokenizer, ["has no tokenizer files"]),
+        (_spoil_tokenizer, ["tokenizer.json is not valid JSON"]),
+    ],
+    ids=["config-not-json", "config-a-list", "weights-truncated", "no-tokenizer", "tokenizer-not-json"],
+)
+def test_broken_model_folder_is_one_line(monkeypatch, capsys, tiny_llama_dir, tmp_path, spoil, needles):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    spoil(folder)
+    code, _, err = run(monkeypatch, capsys, "scan", str(folder), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, shown", [("--no-progress", False), ("--progress", False)])
+def test_scan_progress_flag_reaches_the_model_loader(monkeypatch, capsys, tmp_path, flag, shown):
+    """--no-progress silences the GGUF dequantization bar too (and off a terminal, --progress shows none)."""
+    import importlib
+
+    from headmap import models
+    from headmap.errors import OptionError
+
+    scanning = importlib.import_module("headmap.scan")  # the package (headmap.scan is also the function)
+    seen = {}
+
+    def fake_scan(*args, **kwargs):
+        seen["loader"] = models._show_progress(None)
+        seen["scan"] = kwargs["progress"]
+        raise OptionError("stop here")
+
+    monkeypatch.setattr(scanning, "scan", fake_scan)
+    code, _, err = run(monkeypatch, capsys, "scan", flag, "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "stop here")
+    assert seen == {"loader": shown, "scan": shown}

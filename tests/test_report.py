@@ -12,6 +12,7 @@ import re
 import struct
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -339,3 +340,89 @@ def test_synthetic_atlas_round_trips(tmp_path):
     atlas.save(tmp_path / "run")
     loaded = Atlas.load(tmp_path / "run")
     assert len(loaded.maps) == len(atlas.maps) and loaded.meta["model"] == synthetic_atlas.EVIL_MODEL
+
+
+# -- token text for display ------------------------------------------------------------------------
+
+
+def test_characters_split_over_tokens_are_shown_whole():
+    """SmolLM2's pieces of 'Hi 😀 a<ZWSP>b': per-token decoding gives U+FFFD; the report decodes the stream."""
+    pieces = ["Hi", "ĠðŁĺ", "Ģ", "Ġa", "âĢ", "ĭ", "b"]
+    assert token_texts(pieces) == ["Hi", " 😀", "◌", " a", "\\u200b", "◌", "b"]
+    # a sample with no space or newline is still byte-level (🙂 is f0 9f 99 82; 日 e6 97 a5)
+    assert token_texts(["ðŁ", "ĻĤ", "æĹ", "¥"]) == ["🙂", "◌", "日", "◌"]
+    # SentencePiece byte fallback
+    assert token_texts(["▁I", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>", "▁ok"]) == [" I", "😀", "◌", "◌", "◌", " ok"]
+    # invisible characters are shown escaped, whatever the tokenizer; a byte that starts no character as \xNN
+    assert token_texts(["a\u200d", "\u2060b", "c\rd"], kind="text") == ["a\\u200d", "\\u2060b", "c\\rd"]
+    assert token_texts(["Ġa", "Ģ"]) == [" a", "\\x80"]
+    for texts in (token_texts(["ðŁ", "ĺ", "Ģ"]), token_texts(["âĢ", "ĭ"])):
+        assert not any("\ufffd" in t or "â" in t or "Ģ" in t for t in texts), texts
+
+
+def test_report_strips_decode_emoji_and_zero_width():
+    atlas = make_atlas(evil=False)
+    tokens = atlas.tokens
+    first = tokens["sample"] == 0
+    pieces = {1: "ĠðŁĺ", 2: "Ģ", 3: "âĢ", 4: "ĭ"}
+    for pos, piece in pieces.items():
+        tokens.loc[first & (tokens["position"] == pos), "token"] = piece
+    text = report_data(atlas)["strips"][0]["text"]
+    assert text[1:5] == [" 😀", "◌", "\\u200b", "◌"]
+    assert not any("\ufffd" in t for s in report_data(atlas)["strips"] for t in s["text"])
+
+
+# -- no link anywhere ------------------------------------------------------------------------------
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [f"{tag} {k}={v}" for k, v in attrs if k in ("src", "href", "xlink:href") and v is not None]
+
+
+def test_page_links_nowhere(evil_page):
+    parser = _Links()
+    parser.feed(evil_page)
+    assert parser.links, "the page's own anchors (#card-section ...) should have been seen"
+    assert not [link for link in parser.links if "http" in link], parser.links
+    # plotly's mode bar logo link (hidden by displaylogo: false) is taken out of the inlined plotly.js as well
+    assert 'href="https://plotly.com/"' not in evil_page
+    assert not re.search(r"""\.href\s*=\s*["']https?:""", evil_page)
+
+
+# -- output places checked before anything is read or written ------------------------------------------
+
+
+def test_unwritable_png_place_writes_nothing(monkeypatch, capsys, tmp_path):
+    run = tmp_path / "run"
+    make_atlas().save(run)
+    for bad in ("/proc/headmap-png", str(tmp_path / "afile" / "figs")):
+        (tmp_path / "afile").write_text("x")
+        code, _, err = run_cli(monkeypatch, capsys, "report", str(run), "--png", bad)
+        assert_one_line_error(code, err, "--png")
+        assert not (run / "report.html").exists()
+
+
+def test_unwritable_out_is_refused_before_the_run_is_read(monkeypatch, capsys, tmp_path):
+    run = tmp_path / "run"
+    make_atlas().save(run)
+    (run / "heads.parquet").write_bytes(b"garbage")  # reading the run would fail: the --out check comes first
+    code, _, err = run_cli(monkeypatch, capsys, "report", str(run), "--out", "/proc/headmap-report.html")
+    assert_one_line_error(code, err, "--out /proc/headmap-report.html", "not writable")
+    calls = []
+    monkeypatch.setattr(Atlas, "load", classmethod(lambda cls, folder: calls.append(folder)))
+    with pytest.raises(OutputError, match="--png"):
+        write_report(run, png_dir="/proc/headmap-png")
+    assert calls == []
+
+
+def test_report_of_an_unfinished_scan_says_resume(monkeypatch, capsys, tmp_path):
+    run = tmp_path / "run"
+    (run / ".headmap-checkpoint").mkdir(parents=True)
+    (run / ".headmap-checkpoint" / "progress.json").write_text(json.dumps({"inputs_done": 3, "inputs_total": 8}))
+    code, _, err = run_cli(monkeypatch, capsys, "report", str(run))
+    assert_one_line_error(code, err, "unfinished scan", "3 of 8 inputs done", "--resume", f"--out {run}")

@@ -241,3 +241,23 @@ def test_report_of_a_real_scan(browser, monkeypatch, capsys, tiny_llama_dir, tmp
     page.screenshot("report-tiny-llama.png")
     page.clean()
     p.close()
+
+
+def test_no_link_leaves_the_page(evil_page):
+    """After every plot has shown its mode bar (hover) and a head panel is open: no src or href holds http."""
+    page = evil_page.page
+    for selector in ("#categories-plot", ".heatmap", "#sinks-plot"):
+        for i in range(page.locator(selector).count()):
+            box = page.locator(selector).nth(i)
+            box.scroll_into_view_if_needed()
+            box.hover()
+    page.evaluate("window.headmapReport.openPanel(1, 1)")
+    page.wait_for_function("document.querySelectorAll('#panel-maps .map .heatmaplayer image').length === 2")
+    page.locator("#panel-maps .map").first.hover()
+    assert page.evaluate("document.querySelectorAll('.modebar').length") >= 8
+    links = page.evaluate(
+        """() => Array.from(document.querySelectorAll('*')).flatMap(e => ['src', 'href', 'xlink:href']
+             .map(a => e.getAttribute(a)).filter(v => v !== null))"""
+    )
+    assert links and not [v for v in links if "http" in v], [v for v in links if "http" in v]
+    evil_page.clean()

@@ -262,3 +262,31 @@ def test_steer_accepts_edit_objects_and_specs_together():
         assert [e.name for e in session.edits] == ["ablate", "temperature"]
     with pytest.raises(EditError, match="an edit is a spec string or an Edit object"):
         headmap.steer(model, [3])
+
+
+def test_cli_nan_from_an_edit_is_an_error_naming_it(monkeypatch, capsys, tiny_llama_dir):
+    """tau = 1e-45 turns the logits of head 1 of layer 0 into inf, its softmax into NaN: exit 2 naming edit and head."""
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "steer",
+        str(tiny_llama_dir),
+        "--edit",
+        "temperature:heads=[[0,1]]:tau=1e-45",
+        "--prompt",
+        "the cat sat on the mat",
+        "--max-new-tokens",
+        "3",
+    )
+    assert_one_line_error(code, err, "layer 0 head 1 is NaN or infinite", "temperature(tau=1e-45) on 1 head: L0H1")
+    assert "with edits" not in out
+
+
+def test_steer_session_raises_on_nan_naming_the_edit():
+    from headmap.errors import NumericalError
+
+    model = tiny("llama")[0]
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with headmap.steer(model, "temperature:heads=[[1,2]]:tau=1e-45"), torch.no_grad():
+        with pytest.raises(NumericalError, match=r"layer 1 head 2 is NaN.*temperature\(tau=1e-45\) on 1 head: L1H2"):
+            model(input_ids=ids)

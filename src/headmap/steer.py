@@ -11,34 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .edits import Ablate, Edit, SpanEdit, make_edits
+from .edits import Edit, make_edits
 from .engine.session import Session
-from .errors import EditError
 
 
 def prepare(edits: Iterable[Edit], tokenizer: Any, prompt: str | None = None) -> None:
-    """Resolve what needs the tokenizer: text spans (found in ``prompt``) and text-file references of mean ablation.
-
-    A positional span is checked to fit the prompt. Ablate's ``reference`` may be the path of a UTF-8
-    text file, one reference input per line.
-    """
+    """Let each edit resolve what needs the tokenizer (:meth:`Edit.prepare`): text spans found in
+    ``prompt`` (a positional span checked to fit it), text-file references of mean ablation tokenised."""
     for edit in edits:
-        if isinstance(edit, SpanEdit) and prompt is not None:
-            edit.locate(tokenizer, prompt)
-        if isinstance(edit, Ablate) and isinstance(edit.reference, (str, Path)):
-            path = Path(edit.reference).expanduser()
-            if not path.is_file():
-                raise EditError(f"ablate: reference file {path} does not exist (a UTF-8 text file, one input per line)")
-            try:
-                lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            except (OSError, UnicodeDecodeError) as exc:
-                raise EditError(f"ablate: cannot read reference file {path}: {exc}") from exc
-            if not lines:
-                raise EditError(f"ablate: reference file {path} has no text")
-            edit.reference = [tokenizer(line, return_tensors="pt") for line in lines]
+        edit.prepare(tokenizer, prompt)
 
 
 def steer(
@@ -54,11 +37,13 @@ def steer(
     ``"top 5% retrieval"``. With ``tokenizer`` (and ``prompt``), text spans are found in the prompt and
     text-file references of mean ablation are tokenised. Edits are checked against the model (their
     layers and heads must exist) when the ``with`` block starts: :class:`~headmap.errors.EditError`.
+    An attention output that turns NaN or infinite under the edits raises
+    :class:`~headmap.errors.NumericalError` naming the edits, the layer and the head.
     """
     objs = make_edits(edits, atlas=atlas)
     if tokenizer is not None:
         prepare(objs, tokenizer, prompt)
-    return Session(model, edits=objs)
+    return Session(model, edits=objs, check_finite=True)
 
 
 @dataclass
@@ -99,7 +84,7 @@ def compare(
 
     from .engine.session import observe
     from .errors import ModelError, OptionError
-    from .models import is_causal_lm, load_model, wrap_model
+    from .models import is_causal_lm, load_model, pad_id, wrap_model
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise OptionError("--prompt is empty; give the text to continue")
@@ -124,8 +109,7 @@ def compare(
     dev = next(net.parameters()).device
     enc = tok(prompt, return_tensors="pt")
     enc = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad_id(tok, net)}
     width = enc["input_ids"].shape[1]
 
     def generate() -> list[int]:
@@ -133,9 +117,9 @@ def compare(
             out = net.generate(**enc, **settings)
         return out[0, width:].tolist()
 
-    with observe(net):
+    with observe(net, check_finite=True):
         plain = generate()
-    with Session(net, edits=objs):
+    with Session(net, edits=objs, check_finite=True):  # NaN from an edit: an error naming it, not empty text
         steered = generate()
     return Comparison(
         model_id=loaded.model_id,

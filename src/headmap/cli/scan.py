@@ -66,27 +66,30 @@ def scan(
     Completed batches are checkpointed into --out/.headmap-checkpoint; after Ctrl-C or a kill, run
     the same command with --resume to finish with the tables an uninterrupted run would give.
     """
+    from ..models import progress_bars
     from ..scan import scan as run_scan
 
     target = out or Path("runs") / _slug(model or "smollm2")
+    show = progress and sys.stderr.isatty()
     try:
-        atlas = run_scan(
-            model,
-            probes=probes,
-            corpus=corpus,
-            max_length=max_length,
-            batch_size=batch_size,
-            limit=limit,
-            dtype=dtype,
-            device=device,
-            out=target,
-            overwrite=overwrite,
-            seed=seed,
-            progress=progress and sys.stderr.isatty(),
-            resume=resume,
-            checkpoint_every_s=checkpoint_every,
-            strict=strict,
-        )
+        with progress_bars(show):  # the GGUF dequantization bar too
+            atlas = run_scan(
+                model,
+                probes=probes,
+                corpus=corpus,
+                max_length=max_length,
+                batch_size=batch_size,
+                limit=limit,
+                dtype=dtype,
+                device=device,
+                out=target,
+                overwrite=overwrite,
+                seed=seed,
+                progress=show,
+                resume=resume,
+                checkpoint_every_s=checkpoint_every,
+                strict=strict,
+            )
     except KeyboardInterrupt as exc:  # typer would swallow it into a bare exit code: say what was kept
         if isinstance(exc, ScanInterrupted):
             err.print(f"headmap: {exc}", highlight=False, markup=False, soft_wrap=True)

@@ -11,6 +11,9 @@ from rich.text import Text
 
 from .app import app, console
 
+#: Characters a generation may hold that a table cell would show as blank space: shown escaped instead.
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
 EDIT_HELP = (
     "an edit as NAME:key=value:key=value (values JSON or bare words; repeat --edit for several). Names: ablate "
     "(heads, mode=zero|mean, reference=FILE), scale_first_token (heads, factor), scale_span (heads, span, factor, "
@@ -23,12 +26,14 @@ EDIT_HELP = (
 
 @app.command()
 def steer(
-    model: Annotated[
-        str,
-        typer.Argument(help="hub id, local folder, .gguf file, or built-in name (smollm2); a causal language model"),
-    ],
     edit: Annotated[list[str], typer.Option("--edit", help=EDIT_HELP)],
     prompt: Annotated[str, typer.Option(help="the text to continue")],
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="hub id, local folder, .gguf file, or built-in name: smollm2 (default); a causal language model"
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (greedy)")] = 30,
     atlas: Annotated[
         Path | None, typer.Option(help='run folder of headmap scan, for heads rules such as "top 5% retrieval"')
@@ -60,7 +65,18 @@ def steer(
     table = Table(show_lines=True)
     table.add_column("without edits", overflow="fold", ratio=1)
     table.add_column("with edits", overflow="fold", ratio=1)
-    table.add_row(Text(result.without), Text(result.steered))
+    table.add_row(visible(result.without), visible(result.steered))
     console.print(table)
     if result.identical:
         console.print("the edits did not change the greedy generation")
+
+
+def visible(text: str) -> Text:
+    """``text`` for a table cell: line breaks and tabs as a dim ``\\n``, ``\\r``, ``\\t`` (no blank rows)."""
+    out = Text()
+    for char in text:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char], style="dim")
+        else:
+            out.append(char)
+    return out

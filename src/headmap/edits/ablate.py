@@ -18,12 +18,13 @@ under the engine and averages every named head's output over the real (non-paddi
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..engine.block import Block
+from ..engine import Block
 from ..errors import EditError
 from .base import Edit
 
@@ -106,15 +107,30 @@ class Ablate(Edit):
     def params(self) -> dict[str, Any]:
         return {"mode": self.mode}
 
+    def prepare(self, tokenizer: Any, prompt: str | None = None) -> None:
+        """Tokenise a text-file ``reference`` (a UTF-8 file, one reference input per line)."""
+        if not isinstance(self.reference, (str, Path)):
+            return
+        path = Path(self.reference).expanduser()
+        if not path.is_file():
+            raise EditError(f"ablate: reference file {path} does not exist (a UTF-8 text file, one input per line)")
+        try:
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EditError(f"ablate: cannot read reference file {path}: {exc}") from exc
+        if not lines:
+            raise EditError(f"ablate: reference file {path} has no text")
+        self.reference = [tokenizer(line, return_tensors="pt") for line in lines]
+
     def fit_mean(self, model: nn.Module, inputs: Any) -> Ablate:
         """Measure each named head's mean output over the real tokens of ``inputs``; returns self.
 
         Runs ``model`` under the engine without gradients. Call it before entering other sessions on the
         model (their probes would otherwise see the reference inputs).
         """
-        from ..engine import observe, registry
+        from ..engine import active_sessions, observe
 
-        if any(s.model is model for s in registry.active()):
+        if any(s.model is model for s in active_sessions()):
             raise EditError(
                 "ablate: fit the mean outside other headmap sessions on this model (call fit_mean before "
                 "entering observe/steer), so that their probes do not see the reference inputs"

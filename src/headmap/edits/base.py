@@ -29,21 +29,20 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..engine.block import Block
-from ..errors import EditError
+from .. import models
+from ..engine import Block
+from ..errors import EditError, ModelError
 
 
 def model_shape(model: nn.Module) -> tuple[int, int]:
-    """(layers, query heads per layer) from the model's config."""
-    config = getattr(model, "config", None)
-    if config is None:
+    """(layers, query heads per layer) from the model's config (:func:`headmap.models.model_shape`), else EditError."""
+    if getattr(model, "config", None) is None:
         raise EditError(f"{type(model).__name__} has no config; edits need a transformers model")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = next((getattr(text, a) for a in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(text, a)), None)
-    heads = next((getattr(text, a) for a in ("num_attention_heads", "n_head", "num_heads") if hasattr(text, a)), None)
-    if not isinstance(layers, int) or not isinstance(heads, int):
-        raise EditError(f"cannot read the number of layers and heads from the config of {type(model).__name__}")
-    return layers, heads
+    try:
+        shape = models.model_shape(model)
+    except ModelError as exc:
+        raise EditError(str(exc)) from None
+    return shape.layers, shape.heads
 
 
 def check_number(edit: str, key: str, value: Any, low: float = 0.0, strict: bool = False) -> float:
@@ -197,6 +196,15 @@ class Edit:
         out = x if not torch.is_grad_enabled() else x.clone()
         out[:, heads] = new.to(out.dtype)
         return out
+
+    # -- preparation -----------------------------------------------------------------------------
+    def prepare(self, tokenizer: Any, prompt: str | None = None) -> None:
+        """Resolve what needs the tokenizer (and the prompt the edit will run on) before the model runs.
+
+        Called by :func:`headmap.steer` (with ``tokenizer=``), ``compare`` and the evaluation, before
+        :meth:`bind`. Nothing by default; edits with text spans or text-file references override it.
+        ``prompt`` is None where there is no single prompt (evaluation over many items).
+        """
 
     # -- hooks -----------------------------------------------------------------------------------
     def edit_logits(self, block: Block, logits: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..engine.block import Block
+from ..engine import Block
 from .base import Edit, check_number, positions_in, reweight_rows
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..engine.block import Block
+from ..engine import Block
 from ..errors import EditError
 from .base import Edit, check_number
 

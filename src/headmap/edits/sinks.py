@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from ..engine.block import Block
+from ..engine import Block
 from ..errors import EditError
 from .base import Edit, check_number, positions_in, received_in_block
 from .span import SpanEdit

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..engine.block import Block
+from ..engine import Block
 from ..errors import EditError
 from .base import Edit, check_number, positions_in, reweight_rows
 
@@ -84,6 +84,11 @@ class SpanEdit(Edit):
         self.span = parse_span(span, self.name)
         self.positions: tuple[int, int] | None = self.span if isinstance(self.span, tuple) else None
         super().__init__(heads=heads, atlas=atlas)
+
+    def prepare(self, tokenizer: Any, prompt: str | None = None) -> None:
+        """Locate a text span in ``prompt`` (check a positional span fits it); nothing without a prompt."""
+        if prompt is not None:
+            self.locate(tokenizer, prompt)
 
     def locate(self, tokenizer: Any, prompt: str, add_special_tokens: bool = True) -> tuple[int, int]:
         """Find a text span in ``prompt`` (token positions); check a positional span fits the prompt."""

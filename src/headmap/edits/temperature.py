@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..engine.block import Block
+from ..engine import Block
 from .base import Edit, check_number
 
 

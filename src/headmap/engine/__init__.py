@@ -3,6 +3,7 @@
 from .attention import CONFIG, EngineConfig, headmap_attention_forward, rows_per_block
 from .block import Block
 from .mask import LazyMask, headmap_mask
+from .registry import active as active_sessions
 from .session import IMPLEMENTATION, TESTED_MODEL_TYPES, Session, check_supported, observe, register
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "EngineConfig",
     "LazyMask",
     "Session",
+    "active_sessions",
     "check_supported",
     "headmap_attention_forward",
     "headmap_mask",

@@ -3,8 +3,8 @@
 One function with transformers' attention signature serves every model that calls
 ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``. For each block of query rows it computes
 the logits against every key those rows can see (skipping keys the mask removes for the whole
-block), applies edits, takes the softmax in float32 (float64 for a float64 model), hands the probabilities to the probes, and
-multiplies the same probabilities by V. No [T, T] matrix exists: a block holds at most
+block), applies edits, takes the softmax in float32 (float64 for a float64 model), hands the
+probabilities to the probes, and multiplies the same probabilities by V. No [T, T] matrix exists: a block holds at most
 ``budget_bytes`` of float32 probabilities (plus a few temporaries of the same size).
 """
 
@@ -266,7 +266,7 @@ def headmap_attention_forward(
             )
             _once[0] = False  # a checkpoint recompute must not count the block twice
             if check_finite:
-                _check_finite(out, _block)
+                _check_finite(out, _block, edits, ctx.edits)
             return out
 
         if track_grad:
@@ -287,16 +287,38 @@ def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_finite(out: torch.Tensor, block: Block) -> None:
-    """Raise NumericalError naming the first layer, head and query whose attention output is not finite."""
+def _check_finite(out: torch.Tensor, block: Block, edits: tuple = (), all_edits: tuple = ()) -> None:
+    """Raise NumericalError naming the first layer, head and query whose attention output is not finite.
+
+    ``edits`` are the edits on this block's layer, ``all_edits`` those of every active session. With
+    edits on, the message names them (those on the head, else every active one): an edit's setting is
+    then the likeliest cause.
+    """
     finite = torch.isfinite(out).all(dim=-1) | ~block.query_valid[:, None, :]  # [B, H, rows]
     if bool(finite.all()):
         return
     b, h, r = (int(x) for x in torch.nonzero(~finite)[0])
     pos = int(block.q_pos[r] - block.item_start[b])
+    where = f"attention of layer {block.layer} head {h} is NaN or infinite (batch row {b}, query position {pos})"
+
+    def on_head(edit: object) -> bool:
+        heads = edit.layer_heads(block) if hasattr(edit, "layer_heads") else None
+        return heads is None or h in heads
+
+    def name(edit: object) -> str:
+        return edit.describe() if hasattr(edit, "describe") else type(edit).__name__
+
+    named = [e for e in edits if on_head(e)]
+    whose = "on this head" if named else "active"
+    named = named or list(all_edits)
+    if named:
+        raise NumericalError(
+            f"{where} with the edit{'s' if len(named) > 1 else ''} {whose}: {'; '.join(map(name, named))}. "
+            "The edit's setting overflows the arithmetic (e.g. a temperature tau near 0, a huge factor): "
+            "choose a milder value"
+        )
     raise NumericalError(
-        f"attention of layer {block.layer} head {h} is NaN or infinite (batch row {b}, query position {pos}); "
-        "the model overflows in this dtype or its weights hold NaN: try --dtype float32, or check the weights"
+        f"{where}; the model overflows in this dtype or its weights hold NaN: try --dtype float32, or check the weights"
     )
 
 

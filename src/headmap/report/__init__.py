@@ -25,7 +25,7 @@ from typing import Any
 
 from ..atlas import Atlas, summary_html
 from ..errors import OutputError
-from ..rundir import write_text
+from ..rundir import CHECKPOINT_DIR, check_writable, progress_summary, write_text
 from .data import report_data
 
 __all__ = ["report_data", "report_html", "summary_html", "write_report"]
@@ -38,10 +38,15 @@ def _asset(name: str) -> str:
     return resources.files(__package__).joinpath("assets", name).read_text(encoding="utf-8")
 
 
+#: ``x.href="https://..."`` in plotly.js: the mode bar's logo link (off by ``displaylogo: false``, and
+#: taken out here as well, so that the page links nowhere whatever its plot settings).
+_HREF_ASSIGNMENT = re.compile(r"""(\.href\s*=\s*)(["'])https?://[^"']*\2""")
+
+
 def _plotly_js() -> str:
     from plotly.offline import get_plotlyjs
 
-    return get_plotlyjs()
+    return _HREF_ASSIGNMENT.sub(r"\1\2#\2", get_plotlyjs())
 
 
 def safe_script(code: str) -> str:
@@ -147,33 +152,61 @@ def report_html(atlas: Atlas) -> str:
     )
 
 
+def _check_run_folder(folder: Path) -> None:
+    """Refuse, before anything is read, a folder that is not a run or holds only an unfinished scan."""
+    if not folder.is_dir():
+        raise OutputError(f"{folder} is not a folder; pass the --out folder of a headmap scan")
+    if not (folder / "meta.json").exists() and (folder / CHECKPOINT_DIR).is_dir():
+        done = progress_summary(folder)
+        raise OutputError(
+            f"{folder} holds an unfinished scan ({CHECKPOINT_DIR}{', ' + done if done else ''}) and no finished run "
+            f"yet: finish it with the same command and --resume (headmap scan ... --out {folder} --resume), then "
+            "run headmap report again"
+        )
+
+
+def _check_places(target: Path, png_dir: Path | None) -> None:
+    """Refuse an output place that cannot be written, before the run is read or anything is written."""
+    if target.is_dir():
+        raise OutputError(f"--out {target} is a folder; give the path of the HTML file to write")
+    if not target.parent.is_dir():
+        raise OutputError(f"cannot write {target}: folder {target.parent} does not exist")
+    check_writable(target, "--out")
+    if png_dir is not None:
+        if png_dir.exists() and not png_dir.is_dir():
+            raise OutputError(f"--png {png_dir} is a file; choose a folder for the PNG figures")
+        check_writable(png_dir, "--png")
+
+
 def write_report(
     atlas_or_dir: Atlas | str | Path, out: str | Path | None = None, png_dir: str | Path | None = None
 ) -> list[Path]:
     """Write ``report.html`` (default: into the run folder) and, with ``png_dir``, the PNG figures.
 
     ``atlas_or_dir``: an Atlas or a run folder (read with ``Atlas.load``: OutputError when it is
-    missing or corrupt). Returns the paths written, the HTML first.
+    missing or corrupt, or holds only an unfinished scan). Every output place is checked before the
+    run is read and before anything is written. Returns the paths written, the HTML first.
     """
+    png = Path(png_dir) if png_dir is not None else None
     if isinstance(atlas_or_dir, Atlas):
-        atlas = atlas_or_dir
         if out is None:
             raise OutputError("write_report(atlas) needs out=...: the path of the HTML file to write")
         target = Path(out)
+        _check_places(target, png)
+        atlas = atlas_or_dir
     else:
-        atlas = Atlas.load(atlas_or_dir)
-        target = Path(out) if out is not None else Path(atlas_or_dir) / "report.html"
-    if target.is_dir():
-        raise OutputError(f"--out {target} is a folder; give the path of the HTML file to write")
-    if not target.parent.is_dir():
-        raise OutputError(f"cannot write {target}: folder {target.parent} does not exist")
+        folder = Path(atlas_or_dir)
+        _check_run_folder(folder)
+        target = Path(out) if out is not None else folder / "report.html"
+        _check_places(target, png)
+        atlas = Atlas.load(folder)
     page = report_html(atlas)
     try:
         written = [write_text(target, page)]
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    if png_dir is not None:
+    if png is not None:
         from .figures import write_pngs
 
-        written += write_pngs(atlas, Path(png_dir))
+        written += write_pngs(atlas, png)
     return written

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import math
+import re
+import unicodedata
 from typing import Any
 
 import numpy as np
@@ -271,6 +273,15 @@ def _maps(atlas: Atlas, layers: int, heads: int, notes: list[str]) -> dict[str, 
 # -- tokens -----------------------------------------------------------------------------------
 
 _BYTE_DECODER: dict[str, int] | None = None
+#: Byte-level BPE writes the bytes it does not keep as characters U+0100..U+0143 (space is U+0120, Ġ).
+_SHIFTED = range(0x100, 0x144)
+#: SentencePiece's byte-fallback pieces, one byte each.
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+#: What a token shows when it holds only the continuation bytes of a character an earlier token started.
+CONTINUATION = "\u25cc"
+#: Characters shown as they are although unicodedata calls them control characters.
+_SHOWN = {"\n", "\t", " "}
+_NAMED = {"\r": "\\r", "\x0b": "\\v", "\x0c": "\\f", "\x00": "\\0"}
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -288,23 +299,84 @@ def _byte_decoder() -> dict[str, int]:
     return _BYTE_DECODER
 
 
-def token_texts(tokens: list[str]) -> list[str]:
-    """Readable text of tokenizer pieces: byte-level BPE (Ġ, Ċ), SentencePiece (▁) and WordPiece (##)."""
-    tokens = ["" if t is None else str(t) for t in tokens]
-    if any(("Ġ" in t or "Ċ" in t) for t in tokens):
-        table = _byte_decoder()
-        out = []
-        for t in tokens:
-            if all(ch in table for ch in t):
-                out.append(bytes(table[ch] for ch in t).decode("utf-8", errors="replace"))
-            else:
-                out.append(t)
-        return out
-    if any("▁" in t for t in tokens):
-        return [t.replace("▁", " ") for t in tokens]
+def _visible(text: str) -> str:
+    """Invisible characters (zero-width and other format characters, control characters) as ``\\uXXXX``."""
+    out = []
+    for ch in text:
+        if ch in _NAMED:
+            out.append(_NAMED[ch])
+        elif ch not in _SHOWN and unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs", "Cn"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _utf8_chars(data: bytes) -> list[tuple[int, str]]:
+    """(start offset, character) of each UTF-8 character in ``data``; a byte that starts none is ``\\xNN``."""
+    out, i = [], 0
+    while i < len(data):
+        lead = data[i]
+        size = 1 if lead < 0x80 else 2 if 0xC2 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead < 0xF5 else 0
+        try:
+            ch = data[i : i + size].decode("utf-8") if size and i + size <= len(data) else None
+        except UnicodeDecodeError:
+            ch = None
+        if ch is None:
+            out.append((i, f"\\x{lead:02x}"))
+            i += 1
+        else:
+            out.append((i, ch))
+            i += size
+    return out
+
+
+def _decode_bytes(pieces: list[bytes]) -> list[str]:
+    """Text of each token from its bytes, decoded as one stream: a character split over several tokens
+    (an emoji, most CJK characters, zero-width characters in byte-level BPE) is shown whole on the
+    token where it starts; tokens that only continue it show :data:`CONTINUATION`."""
+    ends = np.cumsum([len(p) for p in pieces])
+    texts = [""] * len(pieces)
+    for start, ch in _utf8_chars(b"".join(pieces)):
+        texts[int(np.searchsorted(ends, start, side="right"))] += ch
+    return [_visible(t) if t or not p else CONTINUATION for t, p in zip(texts, pieces, strict=True)]
+
+
+def token_kind(tokens: list[str]) -> str:
+    """How a tokenizer wrote these pieces: "wordpiece" (##), "sentencepiece" (▁), "bytelevel" (Ġ, Ċ) or "text"."""
     if any(t.startswith("##") for t in tokens):
-        return [t[2:] if t.startswith("##") else (t if t.startswith("[") else " " + t) for t in tokens]
-    return tokens
+        return "wordpiece"
+    if any("\u2581" in t for t in tokens):
+        return "sentencepiece"
+    if any(ord(ch) in _SHIFTED for t in tokens for ch in t):
+        return "bytelevel"
+    return "text"
+
+
+def token_texts(tokens: list[str], kind: str | None = None) -> list[str]:
+    """Readable text of a sequence of tokenizer pieces (one input, in order), for display only.
+
+    Byte-level BPE (Ġ, Ċ) and SentencePiece byte fallback (``<0xE2>``) pieces are turned back into bytes
+    and decoded as one UTF-8 stream (see :func:`_decode_bytes`); ``▁`` is a space; WordPiece's ``##``
+    joins a word. Zero-width and other invisible characters show as ``\\uXXXX``. ``kind``: see
+    :func:`token_kind` (found from ``tokens`` when None). tokens.parquet keeps the pieces themselves.
+    """
+    tokens = ["" if t is None else str(t) for t in tokens]
+    kind = kind or token_kind(tokens)
+    if kind == "bytelevel":  # a piece with a character outside the byte table is shown as it is
+        table = _byte_decoder()
+        return _decode_bytes(
+            [bytes(table[ch] for ch in t) if all(ch in table for ch in t) else t.encode("utf-8") for t in tokens]
+        )
+    if kind == "sentencepiece":
+        pieces = []
+        for t in tokens:
+            byte = _BYTE_PIECE.fullmatch(t)
+            pieces.append(bytes([int(byte.group(1), 16)]) if byte else t.replace("\u2581", " ").encode("utf-8"))
+        return _decode_bytes(pieces)
+    if kind == "wordpiece":
+        return [_visible(t[2:] if t.startswith("##") else (t if t.startswith("[") else " " + t)) for t in tokens]
+    return [_visible(t) for t in tokens]
 
 
 def _short(text: str) -> str:
@@ -318,9 +390,10 @@ def _token_views(atlas: Atlas) -> tuple[dict[int, pd.DataFrame], dict[tuple[int,
         return {}, {}
     firsts = tokens.drop_duplicates(["sample", "position"])[["sample", "position", "token_id", "token"]]
     per_sample = {int(s): g.sort_values("position") for s, g in firsts.groupby("sample", sort=True)}
+    kind = token_kind(firsts["token"].astype(str).tolist())  # one tokenizer wrote every sample
     texts: dict[tuple[int, int], str] = {}
     for s, g in per_sample.items():
-        for pos, text in zip(g["position"], token_texts(g["token"].tolist()), strict=True):
+        for pos, text in zip(g["position"], token_texts(g["token"].tolist(), kind), strict=True):
             texts[(s, int(pos))] = text
     return per_sample, texts
 

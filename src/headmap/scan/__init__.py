@@ -87,7 +87,7 @@ def scan(
         check_output_folder(out_dir, overwrite, resume=resume)
     # one writer per output folder: its lock is held from the start-up checks to the save
     with rundir.lock(out_dir, command=rundir.command_line()) if out_dir is not None else nullcontext():
-        loaded = check.load(model, tokenizer, dtype, device)
+        loaded = check.load(model, tokenizer, dtype, device, progress=None if progress else False)
         chosen = named if named is not None else make_probes(default_probe_names(loaded.is_causal))
         max_length = check.max_length(max_length, loaded)
         check.model_kind(chosen, loaded)

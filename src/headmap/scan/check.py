@@ -44,10 +44,13 @@ def options(batch_size: int, checkpoint_every_s: float, out: str | Path | None, 
     return out_dir
 
 
-def load(model: Any, tokenizer: Any, dtype: str, device: str) -> LoadedModel:
-    """The model (a name, a folder, a file or a model object), refused when the engine cannot run it."""
+def load(model: Any, tokenizer: Any, dtype: str, device: str, progress: bool | None = None) -> LoadedModel:
+    """The model (a name, a folder, a file or a model object), refused when the engine cannot run it.
+
+    ``progress``: whether loading may show a progress bar (a GGUF's dequantization).
+    """
     if model is None or isinstance(model, (str, Path)):
-        loaded = load_model(str(model) if model is not None else None, dtype=dtype, device=device)
+        loaded = load_model(str(model) if model is not None else None, dtype=dtype, device=device, progress=progress)
     else:
         loaded = wrap_model(model, tokenizer)
     check_supported(loaded.model)
