@@ -250,7 +250,7 @@ def test_needle_rewords_when_the_number_merges_with_the_period():
 
 def test_needle_warns_when_no_needle_copies_exactly(monkeypatch):
     tok = trained_bpe("metaspace", numbers_end_with_period=True)
-    monkeypatch.setattr(corpus_mod, "NEEDLE_ENDINGS", (".", "."))
+    monkeypatch.setattr(corpus_mod.needle, "NEEDLE_ENDINGS", (".", "."))
     with pytest.warns(UserWarning, match="splits the secret number differently"):
         c = load_corpus("needle:lengths=128:depths=0.5", tok, 128)
     s = c.samples[0]

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..corpus import _Tokens, load_corpus, pad_batch, parse_spec
+from ..corpus import Tokens as _Tokens, load_corpus, pad_batch, parse_spec
 from ..engine import observe
 from ..errors import EditError, OptionError, TaskError
 from ..models import greedy_decode, logits_to_keep, position_ids

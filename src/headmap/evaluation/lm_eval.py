@@ -43,7 +43,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("headmap.evaluation.lm_eval needs lm-evaluation-harness: pip install 'headmap[lm-eval]'") from exc
 
-from ..corpus import _Tokens
+from ..corpus import Tokens as _Tokens
 from ..engine import observe
 from ..models import LoadedModel, load_model, position_ids, wrap_model
 from . import DEFAULT_BATCH_SIZE, _pad_id, _prefix_id, build_edits, encode_pair, score_token_pairs
