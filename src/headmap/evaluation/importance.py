@@ -35,7 +35,7 @@ from ..corpus import Corpus, Sample, load_corpus, pad_batch
 from ..edits import Edit
 from ..engine import observe
 from ..errors import CorpusError, OptionError
-from ..models import max_positions, position_ids
+from ..models import max_positions, model_shape, pad_id, position_ids
 
 
 class HeadGate(Edit):
@@ -59,9 +59,8 @@ class HeadGate(Edit):
 
 
 def _shape(model: torch.nn.Module) -> tuple[int, int]:
-    from ..edits import model_shape
-
-    return model_shape(model)
+    """(layers, query heads per layer)."""
+    return tuple(model_shape(model)[:2])
 
 
 def _samples(corpus: Any, tokenizer: Any, max_length: int | None, limit: int | None, seed: int) -> list[Sample]:
@@ -121,15 +120,6 @@ def per_input_loss(
         logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
     ).view(ids.shape[0], -1)
     return (nll * weights).sum(dim=1) / weights.sum(dim=1)
-
-
-def _pad_id(tokenizer: Any, model: torch.nn.Module) -> int:
-    for source in (tokenizer, getattr(model, "config", None)):
-        for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
-            value = getattr(source, attr, None) if source is not None else None
-            if isinstance(value, int):
-                return value
-    return 0
 
 
 def _mean_stderr(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +211,7 @@ def head_importance(
     layers, nheads = _shape(model)
     kv = getattr(getattr(model, "config", None), "num_key_value_heads", None) or nheads
     group = max(nheads // kv, 1)
-    pad = _pad_id(tokenizer, model)
+    pad = pad_id(tokenizer, model)
     was_training = model.training
     model.eval()
     try:
@@ -294,7 +284,7 @@ def attention_influence(
             if not (0 <= layer < layers and 0 <= head < nheads):
                 raise OptionError(f"head L{layer}H{head} does not exist: the model has {layers} x {nheads} heads")
             gate[layer, 0, head] = 0.0
-    pad = _pad_id(tokenizer, model)
+    pad = pad_id(tokenizer, model)
     base = gated_losses(model, samples, None, pad, batch_size)
     masked = gated_losses(model, samples, gate, pad, batch_size, edits or ())
     return pd.DataFrame(
