@@ -191,3 +191,31 @@ def test_a_fifo_nobody_writes_to_is_refused_not_waited_on_forever(tok, tmp_path,
     assert len(outcome) == 1 and isinstance(outcome[0], CorpusError), outcome
     message = str(outcome[0])
     assert str(fifo) in message and "is a pipe that nothing was written to in 0.3 s" in message
+
+
+def test_cli_scan_reads_a_process_substitution(monkeypatch, capsys, tiny_llama_dir, tmp_path):
+    """``headmap scan --corpus <(cat file)``: the scan gets every line of the pipe."""
+    import json
+    import sys
+
+    from headmap import cli
+
+    source = tmp_path / "c.txt"
+    write_lines(source, 6, seed=4)
+    read, write = os.pipe()
+    feeder = threading.Thread(target=lambda: (os.write(write, source.read_bytes()), os.close(write)), daemon=True)
+    feeder.start()
+    out = tmp_path / "run"
+    args = ["scan", str(tiny_llama_dir), "--probes", "sink", "--corpus", f"/dev/fd/{read}", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["headmap", *args, "--no-progress"])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        feeder.join(10)
+        os.close(read)
+    assert code in (0, None), capsys.readouterr().err
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["corpus"]["inputs"] == 6
