@@ -48,7 +48,7 @@ class HeadGate(Edit):
         self.gate = gate
 
     def bind(self, model: torch.nn.Module) -> None:
-        layers, heads = _shape(model)
+        layers, heads, _ = model_shape(model)
         if self.gate.dim() != 3 or self.gate.shape[0] != layers or self.gate.shape[2] != heads:
             shape = tuple(self.gate.shape)
             raise OptionError(f"head gate of shape {shape} does not fit {layers} layers x {heads} heads")
@@ -56,11 +56,6 @@ class HeadGate(Edit):
     def edit_output(self, block: Any, out: torch.Tensor) -> torch.Tensor:
         g = self.gate[block.layer]  # [B or 1, H]
         return out * g.to(out.dtype)[:, :, None, None]
-
-
-def _shape(model: torch.nn.Module) -> tuple[int, int]:
-    """(layers, query heads per layer)."""
-    return tuple(model_shape(model)[:2])
 
 
 def _samples(corpus: Any, tokenizer: Any, max_length: int | None, limit: int | None, seed: int) -> list[Sample]:
@@ -138,7 +133,7 @@ def gate_gradients(
     batch_size: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-input d L(x) / d xi at xi = 1: ([inputs, layers, heads] float64, [inputs] base losses)."""
-    layers, heads = _shape(model)
+    layers, heads, _ = model_shape(model)
     device = next(model.parameters()).device
     grads, losses = [], []
     flags = [p.requires_grad for p in model.parameters()]
@@ -208,7 +203,7 @@ def head_importance(
     if max_length is None and isinstance(corpus, str):
         max_length = min(512, max_positions(model.config) or 512)
     samples = _samples(corpus, tokenizer, max_length, limit, seed)
-    layers, nheads = _shape(model)
+    layers, nheads, _ = model_shape(model)
     kv = getattr(getattr(model, "config", None), "num_key_value_heads", None) or nheads
     group = max(nheads // kv, 1)
     pad = pad_id(tokenizer, model)
@@ -273,7 +268,7 @@ def attention_influence(
     if (heads is None) == (edits is None):
         raise OptionError("attention_influence needs either heads= (zeroed) or edits= (the masking edits)")
     samples = _samples(documents, tokenizer, max_length, None, 0)
-    layers, nheads = _shape(model)
+    layers, nheads, _ = model_shape(model)
     gate = None
     if heads is not None:
         heads = sorted({(int(la), int(h)) for la, h in heads})
