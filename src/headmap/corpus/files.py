@@ -39,8 +39,8 @@ class FileSamples(Sequence):
     Built by one streaming pass over the file (``scan_text_file``) that checks every line (UTF-8,
     length under ``strict``), hashes its token ids and keeps only each line's byte offset, line
     number and token count. Reading an input seeks to its line and tokenises it again; a file that
-    changed in between raises CorpusError. Slicing gives a view; ``signature`` is the sha256 of
-    every input's token ids, as ``headmap.checkpoint.corpus_signature`` computes it.
+    changed or disappeared in between raises CorpusError. Slicing gives a view; ``signature`` is the
+    sha256 of every input's token ids, as ``headmap.scan.checkpoint.corpus_signature`` computes it.
     """
 
     def __init__(self, path: Path, tokenizer: Any, max_length: int, offsets, numbers, lengths, signature, stamp):
@@ -206,6 +206,8 @@ def scan_text_file(
 ) -> tuple[FileSamples, int]:
     """One pass over a text file (one input per non-blank line); returns the lazy inputs and how many are cut."""
     check_file(path)
+    if not is_regular(path):
+        raise CorpusError(f"corpus {path} is not a regular file and cannot be streamed; load_corpus reads it once")
     offsets: list[int] = []
     numbers: list[int] = []
     lengths: list[int] = []

@@ -11,7 +11,8 @@ import torch
 
 from ..corpus import load_corpus, pad_batch, parse_spec
 from ..errors import TaskError
-from ..models import greedy_decode, pad_id
+from ..models import greedy_decode
+from ..models import pad_id as tokenizer_pad_id
 from .editing import describe_edits
 from .scoring import DEFAULT_BOOTSTRAP, EvalResult, compare, engine_with
 
@@ -65,7 +66,7 @@ def needle_accuracy(
     """
     needles = needles if needles is not None else load_needles(tokenizer, corpus, max_length, limit, seed)
     samples = needles.samples
-    pad = pad_id(tokenizer) if tokenizer is not None else 0
+    pad = tokenizer_pad_id(tokenizer) if tokenizer is not None else 0
     if base is None:
         base = greedy_answers(model, samples, pad, (), batch_size)
     edits = list(edits)

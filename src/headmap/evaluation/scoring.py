@@ -25,7 +25,8 @@ import torch
 from ..corpus import Tokens, pad_batch
 from ..engine import observe
 from ..errors import OptionError, TaskError
-from ..models import logits_to_keep, pad_id, position_ids
+from ..models import logits_to_keep, position_ids
+from ..models import pad_id as tokenizer_pad_id
 from .editing import describe_edits
 from .tasks import Task, TaskItem, load_task
 
@@ -140,7 +141,7 @@ def score_options(
         for option in item.options:
             pairs.append(encode_pair(toks, item.context, option))
             owner.append(k)
-    scores = score_token_pairs(model, pairs, pad_id(tokenizer), edits, batch_size, max_length)
+    scores = score_token_pairs(model, pairs, tokenizer_pad_id(tokenizer), edits, batch_size, max_length)
     out: list[list[float]] = [[] for _ in items]
     for k, s in zip(owner, scores, strict=True):
         out[k].append(s.logprob)
