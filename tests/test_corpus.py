@@ -6,6 +6,7 @@ import json
 import random
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 from conftest import minilm_dir
@@ -250,7 +251,7 @@ def test_needle_rewords_when_the_number_merges_with_the_period():
 
 def test_needle_warns_when_no_needle_copies_exactly(monkeypatch):
     tok = trained_bpe("metaspace", numbers_end_with_period=True)
-    monkeypatch.setattr(corpus_mod, "NEEDLE_ENDINGS", (".", "."))
+    monkeypatch.setattr(corpus_mod.needle, "NEEDLE_ENDINGS", (".", "."))
     with pytest.warns(UserWarning, match="splits the secret number differently"):
         c = load_corpus("needle:lengths=128:depths=0.5", tok, 128)
     s = c.samples[0]
@@ -483,3 +484,48 @@ def test_file_path_with_a_builtin_like_name(llama, tmp_path):
     path.write_text("a line of text\n")
     c = load_corpus(path, llama, 32)
     assert c.description["kind"] == "file" and c.samples[0].ids == llama("a line of text")["input_ids"]
+
+
+def test_a_registered_corpus_loads_by_name_with_its_options(llama):
+    """The built-ins are entries of a registry (transformers' GeneralInterface pattern): a new corpus is
+    one registered builder, and load_corpus and parse_spec find it with no other change."""
+    from headmap.corpus import ALL_CORPORA, Built, CorpusInterface, Sample, register_corpus
+
+    assert list(ALL_CORPORA)[:4] == ["text", "repeats", "needle", "items"]
+    seen = {}
+
+    @register_corpus("hello_test", {"times": ("int", "how many inputs")})
+    def build(tokenizer, *, max_length, limit, seed, vocab_size, options):
+        seen.update(options)
+        ids = tokenizer("hello world")["input_ids"]
+        return Built([Sample(ids, {"k": i}) for i in range(options.get("times", 1))], options, {"seed": seed})
+
+    try:
+        c = load_corpus("hello_test:times=3", llama, 64, seed=5)
+        assert len(c) == 3 and seen == {"times": 3}
+        assert c.description["kind"] == "builtin" and c.description["seed"] == 5
+        assert c.description["options"] == {"times": 3}
+        with pytest.raises(CorpusError, match="unknown option 'x'; valid options: times"):
+            parse_spec("hello_test:x=1")
+        local = CorpusInterface()
+        local["only_here"] = ALL_CORPORA["text"]
+        assert "only_here" in local and "only_here" not in ALL_CORPORA  # a local entry stays local
+    finally:
+        CorpusInterface._global_mapping.pop("hello_test")
+    assert parse_spec("hello_test") is None
+
+
+def test_no_private_name_crosses_a_module_in_the_corpus_and_evaluation_rooms():
+    """Modules of headmap.corpus and headmap.evaluation (and the eval command) import public names only."""
+    import ast
+
+    root = Path(corpus_mod.__file__).parents[1]
+    files = [*(root / "corpus").glob("*.py"), *(root / "evaluation").glob("*.py"), root / "cli" / "evaluate.py"]
+    crossing = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                crossing += [
+                    f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "__future__"
+                ]
+    assert crossing == []

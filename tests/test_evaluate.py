@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,15 @@ from headmap.evaluation import (
     BUILTIN_TASKS,
     Task,
     TaskItem,
+    check_grid,
     compare,
+    draw_controls,
     evaluate,
     load_task,
     needle_accuracy,
+    parse_grid,
     predict,
+    random_head_controls,
     random_like,
     score_options,
     tune,
@@ -260,6 +265,32 @@ def test_random_controls_avoid_the_named_heads(tiny):
     assert edit.heads == [(0, 0), (1, 2), (1, 3)]  # the original is untouched
 
 
+def test_the_random_head_experiment_is_a_library_call(tiny, tmp_path):
+    """draw_controls + random_head_controls: what ``headmap eval --random-heads`` reports, computed here."""
+    task = load_task(write_task(tmp_path))
+    edits = [ZeroHeads(heads=[(0, 1), (1, 2)])]
+    draws = draw_controls(edits, tiny.model, 3)
+    assert [d.draw for d in draws] == [0, 1, 2]
+    base = predict(tiny.model, tiny.tokenizer, task)
+    edited = evaluate(tiny.model, tiny.tokenizer, task, edits, bootstrap=300, base=base)
+
+    def score(control_edits):
+        return evaluate(tiny.model, tiny.tokenizer, task, control_edits, bootstrap=300, base=base)
+
+    controls = random_head_controls(edited, draws, score, 300, 0)
+    for d in controls.draws:
+        assert not set(d.edits[0].heads) & {(0, 1), (1, 2)} and len(d.edits[0].heads) == 2
+        assert controls.items[f"correct_random{d.draw}"].tolist() == score(d.edits).items["correct_edit"].tolist()
+    mean = np.mean([controls.items[f"correct_random{d.draw}"].to_numpy(float) for d in draws], axis=0)
+    assert controls.versus == compare(mean, edited.items["correct_edit"].to_numpy(float), 300, 0)
+    assert controls.mean_difference == pytest.approx(np.mean([d.result.acc.difference for d in draws]), abs=0)
+    summary = controls.summary()
+    assert [c["draw"] for c in summary["random_controls"]] == [0, 1, 2]
+    assert summary["random_controls"][1]["heads"] == [list(h) for h in draws[1].edits[0].heads]
+    assert summary["edit_vs_random"] == controls.versus.as_dict()
+    assert list(controls.items.columns[: len(edited.items.columns)]) == list(edited.items.columns)
+
+
 # -- tuning ----------------------------------------------------------------------------------------
 
 
@@ -392,3 +423,102 @@ def test_cli_tune(tiny_llama_dir, tmp_path):
     assert same.returncode == 2 and "same file" in same.stderr
     nof = run_cli("tune", str(tiny_llama_dir), "--edit-template", "scale_first_token:factor=2")
     assert nof.returncode == 2 and "{f}" in nof.stderr
+
+
+# -- faults: one line, exit 2, nothing written, before the model loads ------------------------------
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``headmap ARGS`` in this process (as tests/test_cli.py runs it)."""
+    from headmap import cli
+
+    monkeypatch.setattr(sys, "argv", ["headmap", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("headmap: error:"), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command loads the model: the refusals below must come before."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad option was refused")
+
+    monkeypatch.setattr("headmap.evaluation.runs.load_model", boom)
+
+
+def test_eval_refuses_batch_size_0(monkeypatch, capsys, tiny_llama_dir, tmp_path, no_model_load):
+    task = write_task(tmp_path)
+    out = tmp_path / "out"
+    for size in ("0", "-3"):
+        code, _, err = run_main(
+            monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(task), "--batch-size", size,
+            "--out", str(out),
+        )  # fmt: skip
+        assert_refused(code, err, f"--batch-size must be at least 1 (got {size})")
+    assert not out.exists()
+
+
+def test_tune_names_the_grid_value_that_is_not_finite(monkeypatch, capsys, tiny_llama_dir, tmp_path, no_model_load):
+    dev = write_task(tmp_path, ITEMS[:3], "dev.jsonl")
+    test = write_task(tmp_path, ITEMS[3:], "test.jsonl")
+    template = "scale_first_token:heads=[[0,0]]:factor={f}"
+    for grid, bad in [("0.5,nan", "'nan'"), ("inf,1", "'inf'"), ("1,-Infinity", "'-Infinity'")]:
+        code, _, err = run_main(
+            monkeypatch, capsys, "tune", str(tiny_llama_dir), "--task-dev", str(dev), "--task-test", str(test),
+            "--edit-template", template, "--grid", grid,
+        )  # fmt: skip
+        assert_refused(code, err, f"--grid: {bad} is not a finite number")
+    with pytest.raises(OptionError, match=r"--grid: nan is not a finite number"):
+        check_grid([0.5, float("nan")])
+    assert parse_grid(" 0.5, 1,2 ") == [0.5, 1.0, 2.0]
+
+
+def unwritable_outs(tmp_path) -> list[tuple[Path, str]]:
+    """(an --out that cannot be written, what the error says) for every kind this machine can make."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder\n")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere" / "deeper")
+    outs = [(a_file, "is a file"), (Path("/proc/headmap_run"), "/proc"), (dangling, "dangling")]
+    if os.geteuid() != 0:  # root writes into a read-only folder
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        outs.append((locked / "run", "not writable"))
+    return outs
+
+
+def test_eval_and_tune_refuse_an_unwritable_out_before_the_model_loads(
+    monkeypatch, capsys, tiny_llama_dir, tmp_path, no_model_load
+):
+    task = write_task(tmp_path)
+    dev = write_task(tmp_path, ITEMS[:3], "dev.jsonl")
+    test = write_task(tmp_path, ITEMS[3:], "test.jsonl")
+    for out, needle in unwritable_outs(tmp_path):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        code, _, err = run_main(
+            monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(task), "--out", str(out)
+        )
+        assert_refused(code, err, "--out", needle)
+        code, _, err = run_main(
+            monkeypatch, capsys, "tune", str(tiny_llama_dir), "--task-dev", str(dev), "--task-test", str(test),
+            "--edit-template", "scale_first_token:heads=[[0,0]]:factor={f}", "--out", str(out),
+        )  # fmt: skip
+        assert_refused(code, err, "--out", needle)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert (tmp_path / "a-file").read_text() == "not a folder\n"

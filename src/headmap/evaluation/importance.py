@@ -35,7 +35,7 @@ from ..corpus import Corpus, Sample, load_corpus, pad_batch
 from ..edits import Edit
 from ..engine import observe
 from ..errors import CorpusError, OptionError
-from ..models import max_positions, position_ids
+from ..models import max_positions, model_shape, pad_id, position_ids
 
 
 class HeadGate(Edit):
@@ -48,7 +48,7 @@ class HeadGate(Edit):
         self.gate = gate
 
     def bind(self, model: torch.nn.Module) -> None:
-        layers, heads = _shape(model)
+        layers, heads, _ = model_shape(model)
         if self.gate.dim() != 3 or self.gate.shape[0] != layers or self.gate.shape[2] != heads:
             shape = tuple(self.gate.shape)
             raise OptionError(f"head gate of shape {shape} does not fit {layers} layers x {heads} heads")
@@ -56,12 +56,6 @@ class HeadGate(Edit):
     def edit_output(self, block: Any, out: torch.Tensor) -> torch.Tensor:
         g = self.gate[block.layer]  # [B or 1, H]
         return out * g.to(out.dtype)[:, :, None, None]
-
-
-def _shape(model: torch.nn.Module) -> tuple[int, int]:
-    from ..edits import model_shape
-
-    return model_shape(model)
 
 
 def _samples(corpus: Any, tokenizer: Any, max_length: int | None, limit: int | None, seed: int) -> list[Sample]:
@@ -123,15 +117,6 @@ def per_input_loss(
     return (nll * weights).sum(dim=1) / weights.sum(dim=1)
 
 
-def _pad_id(tokenizer: Any, model: torch.nn.Module) -> int:
-    for source in (tokenizer, getattr(model, "config", None)):
-        for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
-            value = getattr(source, attr, None) if source is not None else None
-            if isinstance(value, int):
-                return value
-    return 0
-
-
 def _mean_stderr(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean over axis 0 and its standard error (0 with one input)."""
     n = values.shape[0]
@@ -148,7 +133,7 @@ def gate_gradients(
     batch_size: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-input d L(x) / d xi at xi = 1: ([inputs, layers, heads] float64, [inputs] base losses)."""
-    layers, heads = _shape(model)
+    layers, heads, _ = model_shape(model)
     device = next(model.parameters()).device
     grads, losses = [], []
     flags = [p.requires_grad for p in model.parameters()]
@@ -218,10 +203,10 @@ def head_importance(
     if max_length is None and isinstance(corpus, str):
         max_length = min(512, max_positions(model.config) or 512)
     samples = _samples(corpus, tokenizer, max_length, limit, seed)
-    layers, nheads = _shape(model)
+    layers, nheads, _ = model_shape(model)
     kv = getattr(getattr(model, "config", None), "num_key_value_heads", None) or nheads
     group = max(nheads // kv, 1)
-    pad = _pad_id(tokenizer, model)
+    pad = pad_id(tokenizer, model)
     was_training = model.training
     model.eval()
     try:
@@ -283,7 +268,7 @@ def attention_influence(
     if (heads is None) == (edits is None):
         raise OptionError("attention_influence needs either heads= (zeroed) or edits= (the masking edits)")
     samples = _samples(documents, tokenizer, max_length, None, 0)
-    layers, nheads = _shape(model)
+    layers, nheads, _ = model_shape(model)
     gate = None
     if heads is not None:
         heads = sorted({(int(la), int(h)) for la, h in heads})
@@ -294,7 +279,7 @@ def attention_influence(
             if not (0 <= layer < layers and 0 <= head < nheads):
                 raise OptionError(f"head L{layer}H{head} does not exist: the model has {layers} x {nheads} heads")
             gate[layer, 0, head] = 0.0
-    pad = _pad_id(tokenizer, model)
+    pad = pad_id(tokenizer, model)
     base = gated_losses(model, samples, None, pad, batch_size)
     masked = gated_losses(model, samples, gate, pad, batch_size, edits or ())
     return pd.DataFrame(

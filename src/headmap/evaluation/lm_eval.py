@@ -43,10 +43,11 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("headmap.evaluation.lm_eval needs lm-evaluation-harness: pip install 'headmap[lm-eval]'") from exc
 
-from ..corpus import _Tokens
+from ..corpus import Tokens
 from ..engine import observe
-from ..models import LoadedModel, load_model, position_ids, wrap_model
-from . import DEFAULT_BATCH_SIZE, _pad_id, _prefix_id, build_edits, encode_pair, score_token_pairs
+from ..models import LoadedModel, load_model, pad_id, position_ids, wrap_model
+from .editing import build_edits
+from .scoring import DEFAULT_BATCH_SIZE, encode_pair, prefix_id, score_token_pairs
 
 DEFAULT_GEN_TOKENS = 256
 
@@ -101,7 +102,7 @@ class HeadmapLM(LM):
         self.edits = build_edits(_edit_list(edits), atlas, self.tokenizer)
         self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else DEFAULT_BATCH_SIZE
         self.max_length = int(max_length or self.lm.max_length or 2048)
-        self._toks = _Tokens(self.tokenizer)
+        self._toks = Tokens(self.tokenizer)
         self._device = next(self.model.parameters()).device
 
     # -- what the harness asks -------------------------------------------------------------------
@@ -112,12 +113,12 @@ class HeadmapLM(LM):
     @property
     def eot_token_id(self) -> int:
         value = getattr(self.tokenizer, "eos_token_id", None)
-        return int(value) if isinstance(value, int) else _pad_id(self.tokenizer)
+        return int(value) if isinstance(value, int) else pad_id(self.tokenizer)
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self._toks, *req.args[:2]) for req in requests]
         scores = score_token_pairs(
-            self.model, pairs, _pad_id(self.tokenizer), self.edits, self.batch_size, self.max_length
+            self.model, pairs, pad_id(self.tokenizer), self.edits, self.batch_size, self.max_length
         )
         out = [(s.logprob, s.greedy) for s in scores]
         for req, res in zip(requests, out, strict=True):
@@ -125,7 +126,7 @@ class HeadmapLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
-        prefix = _prefix_id(self.tokenizer)
+        prefix = prefix_id(self.tokenizer)
         prefix = self.eot_token_id if prefix is None else prefix
         pairs, owner = [], []
         for k, req in enumerate(requests):
@@ -134,7 +135,7 @@ class HeadmapLM(LM):
                 pairs.append(make_disjoint_window(window))
                 owner.append(k)
         scores = score_token_pairs(
-            self.model, pairs, _pad_id(self.tokenizer), self.edits, self.batch_size, self.max_length
+            self.model, pairs, pad_id(self.tokenizer), self.edits, self.batch_size, self.max_length
         )
         totals = [0.0] * len(requests)
         for k, s in zip(owner, scores, strict=True):

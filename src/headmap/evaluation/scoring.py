@@ -1,0 +1,341 @@
+"""Scoring multiple-choice items by log-likelihood, and the paired comparison of two conditions.
+
+Each option is scored by the sum of the log-probabilities of its tokens given the context; the
+prediction is the option with the highest sum (``acc``, as lm-evaluation-harness's ``acc``);
+``acc_norm`` divides each sum by the option's length in UTF-8 bytes first. Base and edited runs both
+go through the headmap engine (the edited one with the edits), so the edits are the only difference.
+
+The comparison is paired: every item is scored with and without the edits, and the 95% interval of
+the accuracy difference comes from a seeded percentile bootstrap over items (the same resampled
+items for both conditions). docs/methods/evaluation.md states the method.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..corpus import Tokens, pad_batch
+from ..engine import observe
+from ..errors import OptionError, TaskError
+from ..models import logits_to_keep, position_ids
+from ..models import pad_id as tokenizer_pad_id
+from .editing import describe_edits
+from .tasks import Task, TaskItem, load_task
+
+DEFAULT_BOOTSTRAP = 2000
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclass
+class Continuation:
+    """Log-likelihood of one continuation given its context."""
+
+    logprob: float  # sum over the continuation's tokens
+    greedy: bool  # every continuation token is the model's argmax
+    tokens: int
+
+
+def engine_with(model: torch.nn.Module, edits: Sequence) -> Any:
+    """The engine with ``edits`` (base runs too, with none: both conditions differ by the edits only)."""
+    return observe(model, edits=tuple(edits))
+
+
+def prefix_id(tokenizer: Any) -> int | None:
+    for attr in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def encode_pair(toks: Tokens, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context ids (with the tokenizer's leading special tokens) and continuation ids.
+
+    Trailing white space of the context moves to the continuation (``"Answer: " + "yes"`` is
+    scored as ``"Answer:" + " yes"``), as lm-evaluation-harness does, so that a BPE tokenizer
+    sees the space where it usually is. An empty context becomes the BOS (else EOS) token.
+    """
+    stripped = context.rstrip()
+    continuation = context[len(stripped) :] + continuation
+    ctx = list(toks.pre) + (toks.plain(stripped) if stripped else [])
+    if not ctx:
+        prefix = prefix_id(toks.tok)
+        if prefix is None:
+            raise TaskError("an empty context needs a BOS or EOS token, and the tokenizer has neither")
+        ctx = [prefix]
+    cont = toks.plain(continuation)
+    if not cont:
+        raise TaskError(f"the continuation {continuation!r} has no tokens")
+    return ctx, cont
+
+
+def score_token_pairs(
+    model: torch.nn.Module,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    pad_id: int = 0,
+    edits: Sequence = (),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+) -> list[Continuation]:
+    """Sum log-prob of each continuation's tokens given its context (token ids), in batches.
+
+    Batches are left-padded, with position ids counted from each row's first real token, so a
+    score does not depend on what else is in the batch. Inputs longer than ``max_length`` lose
+    the start of their context.
+    """
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1 (got {batch_size})")
+    device = next(model.parameters()).device
+    rows = []
+    for ctx, cont in pairs:
+        if not ctx or not cont:
+            raise TaskError("a scored pair needs at least one context token and one continuation token")
+        ids = (list(ctx) + list(cont))[:-1]  # the last token is predicted, never read
+        if max_length is not None and len(ids) > max_length:
+            if len(cont) > max_length:
+                raise TaskError(f"a continuation of {len(cont)} tokens does not fit --max-length {max_length}")
+            ids = ids[len(ids) - max_length :]
+        rows.append((ids, list(cont)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
+    out: list[Continuation | None] = [None] * len(rows)
+    with torch.no_grad(), engine_with(model, edits):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            tail = max(len(rows[i][1]) for i in chunk)  # positions whose logits are read
+            ids, mask = pad_batch([rows[i][0] for i in chunk], pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            kwargs = logits_to_keep(model, tail)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), **kwargs).logits
+            logp = torch.log_softmax(logits[:, -tail:].float(), dim=-1)
+            for r, i in enumerate(chunk):
+                cont = rows[i][1]
+                n = len(cont)
+                target = torch.tensor(cont, dtype=torch.long, device=device)
+                lp = logp[r, tail - n :]  # the last n positions predict the continuation's n tokens
+                picked = lp.gather(-1, target[:, None]).squeeze(-1)
+                greedy = bool((lp.argmax(dim=-1) == target).all())
+                out[i] = Continuation(float(picked.double().sum()), greedy, n)
+    return [c for c in out if c is not None]
+
+
+def score_options(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    items: Sequence[TaskItem],
+    edits: Sequence = (),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+) -> list[list[float]]:
+    """For each item, the summed log-probability of each option's tokens given the context."""
+    toks = Tokens(tokenizer)
+    pairs, owner = [], []
+    for k, item in enumerate(items):
+        for option in item.options:
+            pairs.append(encode_pair(toks, item.context, option))
+            owner.append(k)
+    scores = score_token_pairs(model, pairs, tokenizer_pad_id(tokenizer), edits, batch_size, max_length)
+    out: list[list[float]] = [[] for _ in items]
+    for k, s in zip(owner, scores, strict=True):
+        out[k].append(s.logprob)
+    return out
+
+
+@dataclass
+class Predictions:
+    """Per-item outcome of one condition (base or edited)."""
+
+    pred: np.ndarray  # argmax of summed log-prob
+    pred_norm: np.ndarray  # argmax of log-prob per UTF-8 byte
+    logprobs: list[list[float]]
+    p_answer: np.ndarray  # probability of the right option, softmax over the item's option scores
+
+    def correct(self, answers: np.ndarray, norm: bool = False) -> np.ndarray:
+        return (self.pred_norm if norm else self.pred) == answers
+
+
+def predict(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Task,
+    edits: Sequence = (),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+) -> Predictions:
+    logprobs = score_options(model, tokenizer, task.items, edits, batch_size, max_length)
+    pred, pred_norm, p_answer = [], [], []
+    for item, lps in zip(task.items, logprobs, strict=True):
+        lp = np.asarray(lps, dtype=np.float64)
+        pred.append(int(np.argmax(lp)))
+        lengths = np.array([max(len(o.encode("utf-8")), 1) for o in item.options], dtype=np.float64)
+        pred_norm.append(int(np.argmax(lp / lengths)))
+        p = np.exp(lp - lp.max())
+        p_answer.append(float(p[item.answer] / p.sum()))
+    return Predictions(np.array(pred), np.array(pred_norm), logprobs, np.array(p_answer))
+
+
+# -- paired comparison ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Paired accuracies of two conditions with seeded bootstrap 95% intervals."""
+
+    n: int
+    accuracy_base: float
+    accuracy_edit: float
+    difference: float
+    ci_base: tuple[float, float]
+    ci_edit: tuple[float, float]
+    ci_difference: tuple[float, float]
+    gained: int  # items right only with the edits
+    lost: int  # items right only without them
+    bootstrap: int
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "accuracy_base": self.accuracy_base,
+            "accuracy_edit": self.accuracy_edit,
+            "difference": self.difference,
+            "ci_base": list(self.ci_base),
+            "ci_edit": list(self.ci_edit),
+            "ci_difference": list(self.ci_difference),
+            "gained": self.gained,
+            "lost": self.lost,
+            "bootstrap": self.bootstrap,
+            "seed": self.seed,
+        }
+
+
+def bootstrap_indices(n: int, resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> np.ndarray:
+    """[resamples, n] item indices drawn with replacement (numpy's PCG64, seeded)."""
+    if resamples < 1:
+        raise OptionError(f"--bootstrap must be at least 1 (got {resamples})")
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def compare(
+    correct_base: Sequence[bool] | np.ndarray,
+    correct_edit: Sequence[bool] | np.ndarray,
+    resamples: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> Comparison:
+    """Accuracy of both conditions, their paired difference (edit - base) and percentile bootstrap
+    95% intervals over items (every resample draws the same items for both conditions)."""
+    base = np.asarray(correct_base, dtype=np.float64)
+    edit = np.asarray(correct_edit, dtype=np.float64)
+    if base.shape != edit.shape or base.ndim != 1 or base.size == 0:
+        raise ValueError("compare needs two equally long, non-empty sequences of per-item outcomes")
+    idx = bootstrap_indices(base.size, resamples, seed)
+    b, e = base[idx].mean(axis=1), edit[idx].mean(axis=1)
+    return Comparison(
+        n=int(base.size),
+        accuracy_base=float(base.mean()),
+        accuracy_edit=float(edit.mean()),
+        difference=float(edit.mean() - base.mean()),
+        ci_base=_interval(b),
+        ci_edit=_interval(e),
+        ci_difference=_interval(e - b),
+        gained=int(((edit == 1) & (base == 0)).sum()),
+        lost=int(((edit == 0) & (base == 1)).sum()),
+        bootstrap=int(resamples),
+        seed=int(seed),
+    )
+
+
+# -- multiple-choice evaluation -------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Base and edited accuracy on a task, paired, with per-item results in ``items``."""
+
+    task: str
+    kind: str  # "multiple_choice" or "needle"
+    acc: Comparison
+    items: pd.DataFrame
+    acc_norm: Comparison | None = None
+    edits: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy_base(self) -> float:
+        return self.acc.accuracy_base
+
+    @property
+    def accuracy_edit(self) -> float:
+        return self.acc.accuracy_edit
+
+    @property
+    def difference(self) -> float:
+        return self.acc.difference
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        """95% bootstrap interval of the accuracy difference (edit - base)."""
+        return self.acc.ci_difference
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"task": self.task, "kind": self.kind, "edits": self.edits, "acc": self.acc.as_dict()}
+        if self.acc_norm is not None:
+            out["acc_norm"] = self.acc_norm.as_dict()
+        out.update(self.extra)
+        return out
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Task | str | Path,
+    edits: Sequence = (),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+    bootstrap: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    base: Predictions | None = None,
+) -> EvalResult:
+    """Score every item of ``task`` without and with ``edits``; accuracy, paired difference, 95% CI.
+
+    ``acc`` (summed log-prob) is the primary metric, ``acc_norm`` (per UTF-8 byte) is also given.
+    Pass ``base`` (from :func:`predict`) to reuse an unedited run.
+    """
+    if not isinstance(task, Task):
+        task = load_task(task)
+    edits = list(edits)
+    if base is None:
+        base = predict(model, tokenizer, task, (), batch_size, max_length)
+    edit = predict(model, tokenizer, task, edits, batch_size, max_length) if edits else base
+    answers = np.array([it.answer for it in task.items])
+    items = pd.DataFrame(
+        {
+            "id": [it.id for it in task.items],
+            "answer": answers,
+            "pred_base": base.pred,
+            "pred_edit": edit.pred,
+            "correct_base": base.correct(answers),
+            "correct_edit": edit.correct(answers),
+            "pred_norm_base": base.pred_norm,
+            "pred_norm_edit": edit.pred_norm,
+            "p_answer_base": base.p_answer,
+            "p_answer_edit": edit.p_answer,
+            "logprobs_base": [json.dumps([round(x, 6) for x in lp]) for lp in base.logprobs],
+            "logprobs_edit": [json.dumps([round(x, 6) for x in lp]) for lp in edit.logprobs],
+        }
+    )
+    acc = compare(items.correct_base, items.correct_edit, bootstrap, seed)
+    norm = compare(base.correct(answers, True), edit.correct(answers, True), bootstrap, seed)
+    return EvalResult(task.name, "multiple_choice", acc, items, norm, describe_edits(edits))
