@@ -232,3 +232,100 @@ def test_cross_alignment_of_a_planted_diagonal_head():
     assert spearman(np.arange(5.0), np.array([0.0, 1, 1, 3, 4])) == pytest.approx(0.9746794344808963, abs=1e-15)
     assert math.isnan(spearman(np.arange(3.0), np.zeros(3)))
     assert spearman(np.arange(4.0), np.arange(4.0)[::-1].copy()) == pytest.approx(-1.0, abs=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# pai
+# --------------------------------------------------------------------------------------------
+
+
+class Capture(headmap.probes.Probe):
+    name = "capture_pai"
+
+    def __init__(self) -> None:
+        self.blocks = []
+
+    def update(self, block) -> None:
+        if block.tower == "text":
+            b = block
+            self.blocks.append((b.layer, b.q_start, b.q_end, b.k_start, b.k_end, b.probs.clone()))
+
+    def dense(self, layer, shape):
+        out = torch.zeros(shape, dtype=torch.float64)
+        for lay, q0, q1, k0, k1, p in self.blocks:
+            if lay == layer:
+                out[:, :, q0:q1, k0:k1] = p.double()
+        return out
+
+
+def test_pai_neutral_is_the_identity():
+    from headmap.edits import make_edits
+
+    model, inputs = BY_NAME["llava"].build()
+    (edit,) = make_edits("pai:alpha=1")
+    with torch.no_grad():
+        with headmap.observe(model):
+            plain = model(**inputs).logits
+        with headmap.observe(model, edits=[edit]):
+            edited = model(**inputs).logits
+    assert torch.equal(plain, edited)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 0.5])
+def test_pai_moves_image_mass_as_the_formula_says(alpha, tiny_budget):
+    """Layer 0 only: its inputs are unedited, so eager's layer-0 attention A gives the hand computation
+    A'[i, j] = alpha^[j image, i text] A[i, j] / (1 + (alpha - 1) m_i), and the image mass
+    m' = alpha m / (1 + (alpha - 1) m)."""
+    from headmap.edits import Pai
+
+    model, inputs = BY_NAME["llava"].build()
+    ids = inputs["input_ids"]
+    image = ids == IMAGE_TOKEN
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ref = model(**inputs, output_attentions=True).attentions[0].double()  # [B, H, T, T]
+        cap, probe = Capture(), ModalityMassProbe()
+        probe.set_inputs(ids)
+        edit = Pai(alpha=alpha, layers=[0])
+        with headmap.observe(model, probes=[cap, probe], edits=[edit]):
+            model(**inputs)
+    got = cap.dense(0, tuple(ref.shape))
+    text_q = real & ~image  # [B, T]
+    m = (ref * image[:, None, None, :]).sum(-1)  # [B, H, T]
+    boost = torch.where(text_q[:, None, :, None] & image[:, None, None, :], alpha, 1.0)
+    hand = ref * boost / torch.where(text_q[:, None, :], 1 + (alpha - 1) * m, torch.ones_like(m))[..., None]
+    rows = real[:, None, :, None].expand_as(ref)
+    # float32 engine (two vision layers, then layer 0) against the float64 hand computation from float32 eager:
+    # the engine-vs-eager bound of one probability, scaled by at most max(alpha, 1) / min(1, alpha) (the
+    # reweighting's largest gain), plus its own float32 rounding (exp and the division: gamma(4)).
+    keys = ids.shape[1]
+    gain = max(alpha, 1.0) / min(alpha, 1.0)
+    tol = gain * reorder(max(keys, HEAD_DIM), (ATTENTION_STAGES + 1) * 3) + 4 * 2.0**-24
+    assert float((got - hand).abs()[rows].max()) <= tol
+    # The image mass of every text row that sees the image, and modality_mass with it.
+    sees = text_q & (torch.ones(keys, keys, dtype=torch.bool).tril()[None] & image[:, None, :]).any(-1)
+    new_m = (got * image[:, None, None, :]).sum(-1)
+    formula = alpha * m / (1 + (alpha - 1) * m)
+    sel = sees[:, None, :].expand_as(m)
+    n_image = int(image.sum(-1).max())
+    assert float((new_m - formula).abs()[sel].max()) <= n_image * tol
+    assert bool(((new_m > m) if alpha > 1 else (new_m < m))[sel].all())
+    per_input = [formula[b][:, sees[b]].mean(-1).numpy() for b in range(ids.shape[0])]
+    assert np.abs(probe.values()[0] - np.mean(per_input, axis=0)).max() <= n_image * tol
+    # Layer 1 is not edited: its image mass moves only through its (edited) inputs, not by the formula.
+    assert edit.applies_to_layer(0) and not edit.applies_to_layer(1)
+
+
+def test_pai_bad_settings_and_text_models():
+    from tiny_models import tiny
+
+    from headmap.edits import make_edits
+    from headmap.errors import EditError
+
+    for spec in ("pai:alpha=0", "pai:alpha=-1", "pai:layers=x", "pai:alpha=nan"):
+        with pytest.raises(EditError):
+            make_edits(spec)
+    model, _ = tiny("llama")
+    (edit,) = make_edits("pai:alpha=2")
+    with pytest.raises(EditError, match="image token id"), headmap.observe(model, edits=[edit]):
+        pytest.fail("the body must not run")
