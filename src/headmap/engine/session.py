@@ -26,20 +26,34 @@ from .mask import headmap_mask
 
 IMPLEMENTATION = "headmap"
 
-#: Model types whose equality with eager attention is proven by the test suite.
+#: Model types whose equality with eager attention is proven by the test suite (the multimodal,
+#: vision and encoder-decoder ones by tests/test_multimodal.py; docs/multimodal.md).
 TESTED_MODEL_TYPES = (
+    "bart",
     "bert",
+    "clip_vision_model",
     "gemma2",
+    "gemma3",
     "gemma3_text",
     "gpt2",
     "gpt_neox",
     "gpt_oss",
+    "idefics3",
     "llama",
+    "llava",
     "mistral",
+    "mllama",
     "olmo2",
+    "paligemma",
     "phi3",
     "qwen2",
+    "qwen2_5_vl",
+    "qwen2_vl",
     "qwen3",
+    "siglip_vision_model",
+    "t5",
+    "vit",
+    "whisper",
 )
 
 _REGISTERED = False
