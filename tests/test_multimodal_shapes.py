@@ -73,3 +73,35 @@ def test_registered_and_loaded_with_a_tokenizer():
     assert corpus.description["options"] == {"size": 48}
     with pytest.raises(CorpusError, match="max-length"):
         load_corpus("shapes", tok, max_length=4, limit=2)
+
+
+def test_shapes_pictures_through_an_image_processor_into_a_tiny_vlm():
+    """The PIL path end to end, offline: shapes pictures prepared by a CLIP image processor (built in code), a tiny
+    Llava under the engine equal to eager, and modality_mass read on them."""
+    import numpy as np
+    import torch
+    from bounds import ATTENTION_STAGES, reorder
+    from mm_models import HEAD_DIM, build_llava
+    from transformers import CLIPImageProcessorPil
+
+    import headmap
+    from headmap.probes import ModalityMassProbe
+
+    model, inputs = build_llava()
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    pictures = [item["image"] for item in shapes_items(3, seed=5)]
+    pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == inputs["pixel_values"].shape
+    inputs = dict(inputs, pixel_values=pixels)
+    probe = ModalityMassProbe()
+    probe.set_inputs(inputs["input_ids"])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with headmap.observe(model, probes=[probe]):
+            out = model(**inputs).logits
+    rows = inputs["attention_mask"].bool()
+    # Two CLIP layers and two text layers of at most 24 keys (tests/test_multimodal.py's bound).
+    bound = reorder(max(inputs["input_ids"].shape[1], HEAD_DIM), (ATTENTION_STAGES + 1) * 4)
+    assert float((out[rows] - ref[rows]).abs().max() / ref[rows].abs().max()) <= bound
+    values = probe.values()
+    assert values.shape == (2, 4) and np.all((values > 0) & (values < 1))

@@ -101,15 +101,18 @@ def _bypassing_attention(model: nn.Module) -> tuple[str, str] | None:
         cls = type(m)
         return cls.__name__.endswith("Attention") and cls.__module__.startswith("transformers.models.")
 
+    routed: dict[type, bool] = {}  # per class: its forward looks the interface up
     for path, sub in model.named_modules():
         if not is_attention(sub) or any(is_attention(c) for c in sub.modules() if c is not sub):
             continue
-        try:
-            source = inspect.getsource(type(sub).forward)
-        except (OSError, TypeError):
-            continue
-        if "ALL_ATTENTION_FUNCTIONS" not in source:
-            return f"{tower_of(sub, model)[0]} tower ({path})", type(sub).__name__
+        cls = type(sub)
+        if cls not in routed:
+            try:
+                routed[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                routed[cls] = True  # no source to read: give it the benefit of the doubt
+        if not routed[cls]:
+            return f"{tower_of(sub, model)[0]} tower ({path})", cls.__name__
     return None
 
 
