@@ -273,10 +273,19 @@ def test_blocks_name_their_tower(name, built):
         assert all(b["probs"].shape[-1] == b["k"][1] - b["k"][0] for b in cross)
 
 
-def test_tower_of_a_bare_call_is_text():
+def test_text_models_are_the_text_tower():
+    from tiny_models import padded_batch, tiny
+
     from headmap.engine.towers import tower_of
 
-    assert tower_of(torch.nn.Linear(1, 1), None) == ("text", False)
+    assert tower_of(torch.nn.Linear(1, 1), None) == ("text", False)  # a module no session owns
+    for kind in ("llama", "gpt2", "bert"):  # BERT's "encoder" is no encoder-decoder's encoder
+        model, side = tiny(kind)
+        ids, mask = padded_batch([6, 4], side)
+        cap = Capture()
+        with torch.no_grad(), headmap.observe(model, probes=[cap]):
+            model(input_ids=ids, attention_mask=mask)
+        assert cap.blocks and {(b["tower"], b["cross"]) for b in cap.blocks} == {("text", False)}
 
 
 # --------------------------------------------------------------------------------------------
