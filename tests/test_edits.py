@@ -29,6 +29,7 @@ from headmap.edits import (
     Ablate,
     CalibrateSinks,
     Edit,
+    Pai,
     RedistributeSinks,
     ReinforceLocal,
     ScaleFirstToken,
@@ -87,6 +88,7 @@ NEUTRAL = {
     "temperature": lambda: Temperature(tau=1.0),
     "reinforce_local_factor": lambda: ReinforceLocal(k=3, factor=1.0),
     "reinforce_local_amount": lambda: ReinforceLocal(k=3, amount=0.0),
+    "pai": lambda: Pai(alpha=1.0, image_token_id=5),
 }
 
 

@@ -32,6 +32,7 @@ from .text import shipped_text
 from .repeats import REPEATS_INPUTS
 from .needle import MIN_HAYSTACK, NEEDLE_DEPTHS, NEEDLE_ENDINGS, needle_names
 from .items import ITEMS_INPUTS, ITEMS_K, ITEMS_TOKENS
+from .shapes import SHAPES_INPUTS, shapes_items
 
 # isort: on
 from .files import PIPE_WAIT_S, FileSamples, read_lines, read_stream, scan_text_file
@@ -68,7 +69,9 @@ __all__ = [
     "read_lines",
     "read_stream",
     "REPEATS_INPUTS",
+    "SHAPES_INPUTS",
     "register_corpus",
     "scan_text_file",
+    "shapes_items",
     "shipped_text",
 ]

@@ -18,6 +18,7 @@ from .base import Edit, model_shape
 from .first_token import ScaleFirstToken
 from .heads import Rule, load_atlas, parse_rule, select_heads
 from .local import ReinforceLocal
+from .pai import Pai
 from .sinks import CalibrateSinks, RedistributeSinks
 from .span import ScaleSpan, SpanEdit, find_span
 from .temperature import Temperature
@@ -25,7 +26,7 @@ from .temperature import Temperature
 #: Edit classes by spec name.
 EDITS: dict[str, type[Edit]] = {
     cls.name: cls
-    for cls in (Ablate, ScaleFirstToken, ScaleSpan, CalibrateSinks, RedistributeSinks, Temperature, ReinforceLocal)
+    for cls in (Ablate, ScaleFirstToken, ScaleSpan, CalibrateSinks, RedistributeSinks, Temperature, ReinforceLocal, Pai)
 }
 
 #: Constructor arguments a spec cannot set (Python objects).
@@ -83,6 +84,7 @@ __all__ = [
     "Ablate",
     "CalibrateSinks",
     "Edit",
+    "Pai",
     "RedistributeSinks",
     "ReinforceLocal",
     "Rule",

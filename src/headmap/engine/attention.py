@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import NumericalError
 from .block import Block, QKView
 from .mask import LazyMask, as_block_mask
-from .registry import context_for
+from .registry import active, context_for
+from .towers import tower_of
 
 DEFAULT_BUDGET_BYTES = 64 * 2**20
 
@@ -105,7 +106,9 @@ def _plan_cache(masks: object) -> dict | None:
     return masks.plans
 
 
-def _plan_block(masks, q0: int, q1: int, k_len: int) -> BlockPlan:
+def _plan_block(masks, q0: int, q1: int, k_len: int, cross: bool = False) -> BlockPlan:
+    """``cross``: the keys come from another sequence, whose padding says nothing about the query rows;
+    a row then counts as real when it sees some key."""
     allowed = masks.block(q0, q1, 0, k_len)
     q_pos = torch.arange(q0, q1, device=allowed.device) + masks.q_offset
     row_any = allowed.any(dim=-1)[:, 0]  # [B, bq]
@@ -118,7 +121,7 @@ def _plan_block(masks, q0: int, q1: int, k_len: int) -> BlockPlan:
         segments=_masked_segments(blk),
         empty_rows=not bool(row_any.all()),
         q_pos=q_pos,
-        query_valid=row_any & masks.query_valid(q_pos),
+        query_valid=row_any if cross else row_any & masks.query_valid(q_pos),
         first_mask=blk,
     )
 
@@ -165,7 +168,8 @@ def headmap_attention_forward(
 
     query [B, H, Tq, D]; key and value [B, Hkv, Tk, D]; returns ([B, Tq, H, Dv], None).
     ``softcap`` (Gemma 2) caps the logits with tanh; ``s_aux`` (gpt-oss) is one learned sink
-    logit per head that joins the softmax denominator and takes no value.
+    logit per head that joins the softmax denominator and takes no value. ``position_bias`` (T5's
+    relative position bias, [1 or B, H, Tq, Tk]) is added to the scaled logits, as T5's eager does.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -180,12 +184,19 @@ def headmap_attention_forward(
     probes = ctx.probes if ctx is not None else ()
     edits = ctx.edits_for(layer) if ctx is not None else ()
     check_finite = ctx.check_finite if ctx is not None else False
+    owner = next((s.model for s in active() if s.owns(module)), None) if ctx is not None else None
+    tower, is_cross = tower_of(module, owner)
 
     item_start = (
         masks.item_start()
         if hasattr(masks, "item_start")
         else torch.zeros(batch, dtype=torch.long, device=query.device)
     )
+    bias = kwargs.get("position_bias")
+    if isinstance(bias, torch.Tensor):
+        bias = bias[..., -q_len:, -k_len:]  # a bias built for more rows or keys than this call's (T5 decoding)
+    else:
+        bias = None
     sink_logits = None
     if s_aux is not None:
         sink_logits = s_aux.reshape(1, heads, 1, 1).to(softmax_dtype(query.dtype))
@@ -221,7 +232,7 @@ def headmap_attention_forward(
     for q0, q1 in _row_blocks(batch, heads, q_len, k_len, causal, masks.q_offset):
         plan = plans.get((q0, q1, k_len)) if plans is not None else None
         if plan is None:
-            plan = _plan_block(masks, q0, q1, k_len)
+            plan = _plan_block(masks, q0, q1, k_len, is_cross)
             if plans is not None:
                 plans[(q0, q1, k_len)] = plan
         if plan.span is None:  # every row fully masked (e.g. left padding): zero output
@@ -243,6 +254,8 @@ def headmap_attention_forward(
             item_start=item_start,
             is_causal=causal,
             mask_source=_mask_source(masks, plan),
+            tower=tower,
+            is_cross=is_cross,
         )
         qb = query[:, :, q0:q1]
         if q_scale != 1.0:
@@ -250,7 +263,9 @@ def headmap_attention_forward(
         kb = key[:, :, k0:k1]
         vb = value[:, :, k0:k1]
 
-        def run(qb, kb, vb, sink_logits, _block=block, _once=[True]):  # noqa: B006
+        bb = bias[..., q0:q1, k0:k1] if bias is not None else None
+
+        def run(qb, kb, vb, sink_logits, _block=block, _bias=bb, _once=[True]):  # noqa: B006
             out = _attend_block(
                 qb,
                 kb,
@@ -263,6 +278,7 @@ def headmap_attention_forward(
                 edits,
                 probes if _once[0] else (),
                 train_dropout,
+                _bias,
             )
             _once[0] = False  # a checkpoint recompute must not count the block twice
             if check_finite:
@@ -334,6 +350,7 @@ def _attend_block(
     edits: tuple,
     probes: tuple,
     train_dropout: float,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, heads, rows, head_dim = qb.shape
     kv_heads, keys = kb.shape[1], kb.shape[2]
@@ -350,6 +367,8 @@ def _attend_block(
         logits = logits.mul_(scaling) if inplace else logits * scaling
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
+    if bias is not None:  # an additive position bias the model computed (T5), in the logits' dtype
+        logits = logits + bias.to(logits.dtype)
     for edit in edits:
         logits = edit.edit_logits(block, logits)
     if plan.segments:

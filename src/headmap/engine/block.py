@@ -21,7 +21,10 @@ class Block:
     Attributes: ``layer``, ``module``, ``num_heads``, ``num_kv_heads``, ``q_start``, ``q_end``,
     ``k_start``, ``k_end``, ``q_pos`` [bq] long, ``k_pos`` [bk] long, ``query_valid`` [B, bq]
     bool (the query is a real token), ``item_start`` [B] long, ``probs`` [B, H, bq, bk] float32
-    (set after the softmax), ``is_causal``, and ``mask`` (see below).
+    (set after the softmax), ``is_causal``, and ``mask`` (see below); ``tower`` (``text``,
+    ``vision``, ``encoder``, ``decoder`` or ``cross``) and ``is_cross`` (the keys come from another
+    sequence: positions of queries and keys are not comparable), by the rule of
+    :mod:`headmap.engine.towers`.
     """
 
     def __init__(
@@ -42,6 +45,8 @@ class Block:
         is_causal: bool = True,
         mask: torch.Tensor | None = None,
         mask_source: tuple[Any, Callable[[int, int], torch.Tensor]] | None = None,
+        tower: str = "text",
+        is_cross: bool = False,
     ) -> None:
         self.layer = layer
         self.module = module
@@ -57,6 +62,8 @@ class Block:
         #: number, or -inf when some row sees no key), set with ``probs``; do not change them
         self.logits: torch.Tensor | None = None
         self.is_causal = is_causal
+        self.tower = tower
+        self.is_cross = is_cross
         # Either a mask given outright, or (plan, source) from the engine, where
         # ``source(a, b)`` builds the mask of key columns [a, b) only when someone reads it.
         self._mask = mask

@@ -116,6 +116,11 @@ def headmap_mask(
     """The ``AttentionMaskInterface`` entry for ``headmap``: returns a :class:`LazyMask`."""
     from transformers.masking_utils import causal_mask_function
 
+    if isinstance(attention_mask, LazyMask):
+        # A mask the outer model already built (PaliGemma, Gemma 3 with images: the wrapper makes the
+        # prefix-LM mask, then its language model asks again): kept as it is, as transformers keeps a
+        # prepared 4D tensor.
+        return attention_mask
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if padding is not None:
         padding = padding.to(device=device, dtype=torch.bool)

@@ -26,20 +26,34 @@ from .mask import headmap_mask
 
 IMPLEMENTATION = "headmap"
 
-#: Model types whose equality with eager attention is proven by the test suite.
+#: Model types whose equality with eager attention is proven by the test suite (the multimodal,
+#: vision and encoder-decoder ones by tests/test_multimodal.py; docs/multimodal.md).
 TESTED_MODEL_TYPES = (
+    "bart",
     "bert",
+    "clip_vision_model",
     "gemma2",
+    "gemma3",
     "gemma3_text",
     "gpt2",
     "gpt_neox",
     "gpt_oss",
+    "idefics3",
     "llama",
+    "llava",
     "mistral",
+    "mllama",
     "olmo2",
+    "paligemma",
     "phi3",
     "qwen2",
+    "qwen2_5_vl",
+    "qwen2_vl",
     "qwen3",
+    "siglip_vision_model",
+    "t5",
+    "vit",
+    "whisper",
 )
 
 _REGISTERED = False
@@ -72,6 +86,36 @@ def _uses_attention_interface(model: nn.Module) -> bool:
     return False
 
 
+def _bypassing_attention(model: nn.Module) -> tuple[str, str] | None:
+    """(where, class) of the first transformers attention module whose forward bypasses AttentionInterface.
+
+    An attention module is one of transformers' classes named ``...Attention`` with no such module
+    inside it (a wrapper such as BertAttention delegates); it bypasses the interface when the source of
+    its ``forward`` never looks up ``ALL_ATTENTION_FUNCTIONS``. A multimodal model may route its language
+    model through the interface and not its vision or audio tower (GOT-OCR2's SAM encoder): the engine
+    would then see only part of the model, so it is refused.
+    """
+    from .towers import tower_of
+
+    def is_attention(m: nn.Module) -> bool:
+        cls = type(m)
+        return cls.__name__.endswith("Attention") and cls.__module__.startswith("transformers.models.")
+
+    routed: dict[type, bool] = {}  # per class: its forward looks the interface up
+    for path, sub in model.named_modules():
+        if not is_attention(sub) or any(is_attention(c) for c in sub.modules() if c is not sub):
+            continue
+        cls = type(sub)
+        if cls not in routed:
+            try:
+                routed[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                routed[cls] = True  # no source to read: give it the benefit of the doubt
+        if not routed[cls]:
+            return f"{tower_of(sub, model)[0]} tower ({path})", cls.__name__
+    return None
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise :class:`UnsupportedModelError` unless the model's attention can run under headmap."""
     config = getattr(model, "config", None)
@@ -87,6 +131,13 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"model type '{model_type}' does not route its attention through transformers' "
             f"AttentionInterface (or has no attention), so headmap cannot observe it; "
+            f"use one of the tested model types: {supported}"
+        )
+    bypass = _bypassing_attention(model)
+    if bypass is not None:
+        raise UnsupportedModelError(
+            f"model type '{model_type}': its {bypass[0]} computes attention in {bypass[1]}, which does not "
+            f"go through transformers' AttentionInterface, so headmap would see only part of the model; "
             f"use one of the tested model types: {supported}"
         )
 

@@ -8,6 +8,7 @@ from ..errors import ProbeError
 from ..specs import parse_options, split_top
 from .attention_maps import AttentionMapsProbe
 from .base import Needs, Probe, supports_state
+from .cross_alignment import CrossAlignmentProbe
 from .duplicate_token import DuplicateTokenProbe
 from .entropy import EntropyProbe
 from .fai import FaiProbe
@@ -15,6 +16,7 @@ from .head import HeadMeanProbe, HeadStats
 from .induction import InductionProbe
 from .massive_values import MassiveValuesProbe
 from .mean_distance import MeanDistanceProbe
+from .modality_mass import ModalityMassProbe
 from .position_profile import PositionProfileProbe
 from .prev_token import PrevTokenProbe
 from .received import ReceivedProbe
@@ -45,6 +47,8 @@ PROBES: dict[str, type[Probe]] = {
         SinksProbe,
         MassiveValuesProbe,
         AttentionMapsProbe,
+        ModalityMassProbe,
+        CrossAlignmentProbe,
     )
 }
 
@@ -102,6 +106,7 @@ def default_probe_names(causal: bool) -> list[str]:
 __all__ = [
     "PROBES",
     "AttentionMapsProbe",
+    "CrossAlignmentProbe",
     "DuplicateTokenProbe",
     "EntropyProbe",
     "FaiProbe",
@@ -110,6 +115,7 @@ __all__ = [
     "InductionProbe",
     "MassiveValuesProbe",
     "MeanDistanceProbe",
+    "ModalityMassProbe",
     "Needs",
     "PositionProfileProbe",
     "PrevTokenProbe",
