@@ -1,0 +1,141 @@
+"""``explain``: attribute a model's prediction on each text to its input tokens, by several methods."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..errors import OptionError
+from ..models import pad_id
+from .attn_grad import AttnGrad
+from .base import Job, Method, make_job
+from .integrated_gradients import IntegratedGradients
+from .last_layer_attention import LastLayerAttention
+from .occlusion import Occlusion
+from .rollout import Rollout
+from .saliency import Saliency
+from .targets import Target, parse_target
+
+#: Every method, by its command-line name.
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Rollout, AttnGrad, Saliency, IntegratedGradients, Occlusion, LastLayerAttention)
+}
+DEFAULT_METHODS = ("rollout", "attn_grad", "saliency", "integrated_gradients")
+COLUMNS = ["sample", "position", "token_id", "token", "method", "target", "value"]
+
+
+def resolve_methods(methods: Iterable[str | Method]) -> list[Method]:
+    """Method objects from names (or objects, kept); an unknown name is an OptionError naming the known ones."""
+    out: list[Method] = []
+    for m in methods:
+        if isinstance(m, Method):
+            out.append(m)
+        elif m in METHODS:
+            out.append(METHODS[m]())
+        else:
+            raise OptionError(f"unknown method '{m}'; use some of: {', '.join(METHODS)}")
+    if not out:
+        raise OptionError(f"no method given; use some of: {', '.join(METHODS)}")
+    return out
+
+
+def encode(texts: Sequence[str | Sequence[int]], tokenizer: Any, max_length: int | None = None) -> list[list[int]]:
+    """Token ids of every text (a text may already be a list of ids); an empty one is an OptionError."""
+    if isinstance(texts, str):
+        raise OptionError("texts must be a list of texts, not one string; wrap it: [text]")
+    rows = []
+    for i, text in enumerate(texts):
+        if isinstance(text, str):
+            if not text.strip():
+                raise OptionError(f"text {i} is empty; every text needs at least one token to attribute to")
+            if tokenizer is None:
+                raise OptionError("texts are strings but no tokenizer was given; pass one, or token id lists")
+            ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        else:
+            ids = [int(t) for t in text]
+            if not ids:
+                raise OptionError(f"text {i} is empty; every text needs at least one token to attribute to")
+        if max_length is not None:
+            ids = ids[:max_length]
+        rows.append(ids)
+    if not rows:
+        raise OptionError("no text to explain")
+    return rows
+
+
+def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    if tokenizer is None:
+        return [str(t) for t in ids]
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def jobs(model, tokenizer, rows: list[list[int]], target: Target, batch_size: int) -> Iterable[tuple[int, Job]]:
+    pad = pad_id(tokenizer, model)
+    vocab = model.get_input_embeddings().num_embeddings if model.get_input_embeddings() is not None else None
+    if vocab is not None and not 0 <= pad < vocab:  # a config's eos id past a resized (or tiny) vocabulary
+        pad = 0
+    for start in range(0, len(rows), batch_size):
+        yield start, make_job(model, target, rows[start : start + batch_size], pad)
+
+
+def job_frame(job: Job, first: int, values: torch.Tensor, method: str, tokenizer: Any) -> pd.DataFrame:
+    """Rows of the attributions table for one job and method (real tokens only, positions from 0)."""
+    parts = []
+    for b in range(job.ids.shape[0]):
+        real = job.mask[b].bool()
+        ids = job.ids[b][real].tolist()
+        parts.append(
+            pd.DataFrame(
+                {
+                    "sample": first + b,
+                    "position": range(len(ids)),
+                    "token_id": ids,
+                    "token": _token_strings(tokenizer, ids),
+                    "method": method,
+                    "target": job.target.spec,
+                    "value": values[b][real].double().cpu().numpy(),
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def explain(
+    model,
+    tokenizer,
+    texts: Sequence[str | Sequence[int]],
+    target: str = "next",
+    methods: Iterable[str | Method] = DEFAULT_METHODS,
+    batch_size: int = 1,
+    max_length: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """Attribute the target on each text to its tokens: a table (sample, position, token_id, token, method,
+    target, value), one row per real token, method and text.
+
+    ``target``: next, token:WORD, contrast:A,B, span:K or class:N (see :mod:`headmap.explain.targets`);
+    ``methods``: names of :data:`METHODS` or method objects (e.g. ``IntegratedGradients(steps=64)``).
+    Integrated gradients' completeness gap per text is in ``frame.attrs["integrated_gradients_gap"]``.
+    ``progress(n)`` is called after each batch with the number of texts it held.
+    """
+    goal = parse_target(target, model, tokenizer)
+    chosen = resolve_methods(methods)
+    rows = encode(texts, tokenizer, max_length)
+    frames, gaps = [], []
+    model.eval()
+    for first, job in jobs(model, tokenizer, rows, goal, batch_size):
+        for method in chosen:
+            method.check(job)
+        for method in chosen:
+            frames.append(job_frame(job, first, method.attribute(job), method.name, tokenizer))
+        if "integrated_gradients_gap" in job.notes:
+            gaps.extend(job.notes["integrated_gradients_gap"].tolist())
+        if progress is not None:
+            progress(job.ids.shape[0])
+    frame = pd.concat(frames, ignore_index=True)[COLUMNS]
+    if gaps:
+        frame.attrs["integrated_gradients_gap"] = gaps
+    return frame
