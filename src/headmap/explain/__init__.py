@@ -4,10 +4,11 @@ Layer: beside ``probes`` and ``edits`` (may import ``engine``, ``corpus``, ``mod
 never imported by the engine. See docs/explain.md and docs/methods/ (one page per method).
 """
 
-from .api import DEFAULT_METHODS, METHODS, explain, resolve_methods
+from .api import DEFAULT_METHODS, METHODS, explain, explain_and_measure, resolve_methods
 from .attn_grad import AttnGrad
 from .base import Job, Method, make_job
 from .capture import Capture, row_product
+from .faithfulness import Faithfulness
 from .integrated_gradients import IntegratedGradients
 from .last_layer_attention import LastLayerAttention
 from .occlusion import Occlusion
@@ -20,6 +21,7 @@ __all__ = [
     "METHODS",
     "AttnGrad",
     "Capture",
+    "Faithfulness",
     "IntegratedGradients",
     "Job",
     "LastLayerAttention",
@@ -29,6 +31,7 @@ __all__ = [
     "Saliency",
     "Target",
     "explain",
+    "explain_and_measure",
     "make_job",
     "parse_target",
     "resolve_methods",

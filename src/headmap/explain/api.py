@@ -12,6 +12,7 @@ from ..errors import OptionError
 from ..models import pad_id
 from .attn_grad import AttnGrad
 from .base import Job, Method, make_job
+from .faithfulness import Faithfulness
 from .integrated_gradients import IntegratedGradients
 from .last_layer_attention import LastLayerAttention
 from .occlusion import Occlusion
@@ -121,6 +122,38 @@ def explain(
     Integrated gradients' completeness gap per text is in ``frame.attrs["integrated_gradients_gap"]``.
     ``progress(n)`` is called after each batch with the number of texts it held.
     """
+    return _run(model, tokenizer, texts, target, methods, batch_size, max_length, progress, None)
+
+
+def explain_and_measure(
+    model,
+    tokenizer,
+    texts: Sequence[str | Sequence[int]],
+    target: str = "next",
+    methods: Iterable[str | Method] = DEFAULT_METHODS,
+    batch_size: int = 1,
+    max_length: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`explain`, and the faithfulness and agreement table of the same attributions
+    (:class:`~headmap.explain.faithfulness.Faithfulness`; the random-order control drawn with ``seed``)."""
+    faith = Faithfulness(seed=seed)
+    frame = _run(model, tokenizer, texts, target, methods, batch_size, max_length, progress, faith)
+    return frame, faith.frame()
+
+
+def _run(
+    model,
+    tokenizer,
+    texts: Sequence[str | Sequence[int]],
+    target: str,
+    methods: Iterable[str | Method],
+    batch_size: int,
+    max_length: int | None,
+    progress: Callable[[int], None] | None,
+    faith: Faithfulness | None,
+) -> pd.DataFrame:
     goal = parse_target(target, model, tokenizer)
     chosen = resolve_methods(methods)
     rows = encode(texts, tokenizer, max_length)
@@ -129,8 +162,12 @@ def explain(
     for first, job in jobs(model, tokenizer, rows, goal, batch_size):
         for method in chosen:
             method.check(job)
+        values = {}
         for method in chosen:
-            frames.append(job_frame(job, first, method.attribute(job), method.name, tokenizer))
+            values[method.name] = method.attribute(job)
+            frames.append(job_frame(job, first, values[method.name], method.name, tokenizer))
+        if faith is not None:
+            faith.add(job, values)
         if "integrated_gradients_gap" in job.notes:
             gaps.extend(job.notes["integrated_gradients_gap"].tolist())
         if progress is not None:
