@@ -321,3 +321,37 @@ def test_model_is_not_changed():
     E.explain(model, None, _inputs(), methods=list(E.METHODS), batch_size=3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+    model.train()
+    E.explain(model, None, _inputs()[:1], methods=["saliency"])
+    assert model.training  # explained in eval mode, the mode put back
+
+
+def test_span_target_sums_the_generated_tokens():
+    """span:2 on a prompt of n tokens: the input is the prompt and the first generated token g1; y is
+    log p(g1 | prompt) + log p(g2 | prompt, g1); rollout starts from the sum of the two rows."""
+    model = _model("llama").double()
+    prompt = _inputs()[0]
+    with torch.no_grad():
+        g1 = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
+        g2 = int(model(torch.tensor([prompt + [g1]])).logits[0, -1].argmax())
+    ids = prompt + [g1]
+    frame = E.explain(model, None, [prompt], target="span:2", methods=["rollout", "saliency"])
+    (roll,) = _by_sample(frame, "rollout")
+    (sal,) = _by_sample(frame, "saliency")
+    assert len(roll) == len(ids)
+    with torch.no_grad():
+        attns = model(torch.tensor([ids]), output_attentions=True).attentions
+    r = torch.zeros(len(ids), dtype=torch.float64)
+    r[-2:] = 1
+    for a in reversed(attns):
+        r = r @ (0.5 * a[0].mean(0) + 0.5 * torch.eye(len(ids), dtype=torch.float64))
+    assert torch.allclose(roll, r, rtol=0, atol=2e-6)  # two rows: twice the one-row bound of the docstring
+    x = model.get_input_embeddings()(torch.tensor([ids])).detach().requires_grad_(True)
+    logp = model(inputs_embeds=x).logits[0].log_softmax(-1)
+    (g,) = torch.autograd.grad(logp[-2, g1] + logp[-1, g2], x)
+    assert torch.allclose(sal, (g * x).norm(dim=-1)[0].detach(), rtol=1e-5, atol=1e-9)
+
+
+def test_span_needs_a_positive_length():
+    with pytest.raises(OptionError, match="span:K needs"):
+        E.explain(_model("llama"), None, [[1, 2, 3]], target="span:0")

@@ -158,20 +158,24 @@ def _run(
     chosen = resolve_methods(methods)
     rows = encode(texts, tokenizer, max_length)
     frames, gaps = [], []
-    model.eval()
-    for first, job in jobs(model, tokenizer, rows, goal, batch_size):
-        for method in chosen:
-            method.check(job)
-        values = {}
-        for method in chosen:
-            values[method.name] = method.attribute(job)
-            frames.append(job_frame(job, first, values[method.name], method.name, tokenizer))
-        if faith is not None:
-            faith.add(job, values)
-        if "integrated_gradients_gap" in job.notes:
-            gaps.extend(job.notes["integrated_gradients_gap"].tolist())
-        if progress is not None:
-            progress(job.ids.shape[0])
+    training = model.training
+    model.eval()  # dropout off while explaining; the mode the model had is put back
+    try:
+        for first, job in jobs(model, tokenizer, rows, goal, batch_size):
+            for method in chosen:
+                method.check(job)
+            values = {}
+            for method in chosen:
+                values[method.name] = method.attribute(job)
+                frames.append(job_frame(job, first, values[method.name], method.name, tokenizer))
+            if faith is not None:
+                faith.add(job, values)
+            if "integrated_gradients_gap" in job.notes:
+                gaps.extend(job.notes["integrated_gradients_gap"].tolist())
+            if progress is not None:
+                progress(job.ids.shape[0])
+    finally:
+        model.train(training)
     frame = pd.concat(frames, ignore_index=True)[COLUMNS]
     if gaps:
         frame.attrs["integrated_gradients_gap"] = gaps
