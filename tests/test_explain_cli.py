@@ -41,6 +41,9 @@ def test_explain_writes_the_tables(monkeypatch, capsys, tiny_llama_dir, tmp_path
     assert meta["inputs"] == 2 and meta["methods"]["integrated_gradients"]["steps"] == 4
     assert len(meta["integrated_gradients_gap"]) == 2
     assert "comprehensiveness" in stdout
+    page = (out / "explain.html").read_text()
+    assert page.count("<polyline") == 2 * 6  # deletion and insertion: five methods and the random control
+    assert page.count("<h2>input ") == 2 and page.count('<td class="strip">') == 2 * 5
 
 
 @pytest.mark.parametrize(

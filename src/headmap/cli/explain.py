@@ -16,7 +16,9 @@ from .app import app, console, err
 @app.command()
 def explain(
     model: Annotated[str, typer.Argument(help="hub id, local folder, .gguf file, or built-in name (smollm2, minilm)")],
-    out: Annotated[Path, typer.Option(help="folder for attributions.parquet, faithfulness.parquet, explain.json")],
+    out: Annotated[
+        Path, typer.Option(help="folder for attributions.parquet, faithfulness.parquet, explain.json, explain.html")
+    ],
     text: Annotated[list[str] | None, typer.Option(help="a text to explain (repeat for several)")] = None,
     corpus: Annotated[Path | None, typer.Option(help="a UTF-8 text file, one input per line")] = None,
     target: Annotated[

@@ -21,9 +21,10 @@ from ..models import load_model
 from ..rundir import check_writable, write_text
 from .api import METHODS, explain_and_measure, resolve_methods
 from .integrated_gradients import IntegratedGradients
+from .page import write_page
 
 #: What ``headmap explain`` writes into --out (and the only files it replaces there).
-FILES = ("attributions.parquet", "faithfulness.parquet", "explain.json")
+FILES = ("attributions.parquet", "faithfulness.parquet", "explain.json", "explain.html")
 
 
 @dataclass
@@ -99,8 +100,10 @@ def run_explain(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> ExplainRun:
-    """Explain ``target`` on the texts with ``methods``; write attributions.parquet, faithfulness.parquet
-    and explain.json into ``out``. ``progress(done, total)`` is called after each batch of texts."""
+    """Explain ``target`` on the texts with ``methods``; write attributions.parquet, faithfulness.parquet,
+    explain.json and explain.html (token strips and deletion curves) into ``out``.
+
+    ``progress(done, total)`` is called after each batch of texts."""
     texts = read_texts(text, corpus)
     chosen = resolve_methods(parse_methods(methods, steps))
     if max_length is not None and max_length < 1:
@@ -147,5 +150,6 @@ def run_explain(
         _write_parquet(out / "attributions.parquet", attributions),
         _write_parquet(out / "faithfulness.parquet", faith),
         write_text(out / "explain.json", json.dumps(meta, indent=2, default=str) + "\n"),
+        write_page(out / "explain.html", attributions, faith, meta),
     ]
     return ExplainRun(attributions, faith, meta, written)
