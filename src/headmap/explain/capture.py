@@ -60,6 +60,38 @@ def row_product(view: QKView, r: torch.Tensor, grad_out: torch.Tensor | None = N
     for q0 in range(lo, hi, step):
         q1 = min(hi, q0 + step)
         rows = q1 - q0
+        visible = view.mask.block(q0, q1, 0, keys)  # [B, 1, rows, keys]
+        cols = torch.nonzero(visible.any(dim=2).any(dim=1).any(dim=0)).squeeze(-1)
+        if not cols.numel():
+            continue
+        k0, k1 = int(cols[0]), int(cols[-1]) + 1  # keys no row of the block sees are skipped (causal: half)
+        visible = visible[..., k0:k1]
+        qb = q[:, :, q0:q1].to(dt).reshape(batch, kv_heads, group * rows, dim)
+        logits = torch.matmul(qb, k[..., k0:k1]).view(batch, heads, rows, k1 - k0).mul_(scaling)
+        if view.softcap is not None:
+            logits = torch.tanh(logits / view.softcap) * view.softcap
+        logits.masked_fill_(~visible, -torch.inf)
+        if view.sink_logits is None:
+            probs = torch.softmax(logits, dim=-1)
+        else:
+            sink = view.sink_logits.to(dt).expand(batch, heads, rows, 1)
+            probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+        del logits
+        if not bool(visible.any(dim=-1).all()):  # a row that sees no key: 0, not NaN
+            probs = torch.nan_to_num_(probs, nan=0.0)
+        if grad_out is not None:
+            d_out = grad_out[:, q0:q1].transpose(1, 2).to(dt).reshape(batch, kv_heads, group * rows, -1)
+            d_probs = torch.matmul(d_out, v[..., k0:k1]).view(batch, heads, rows, k1 - k0)
+            probs = d_probs.mul_(probs).clamp_(min=0)
+        weights = r[:, None, None, q0:q1].to(dt)  # [B, 1, 1, rows]
+        acc[:, k0:k1] += torch.matmul(weights, probs).sum(dim=(1, 2)).double() / heads
+    return acc
+    lo, hi = int(live[0]), int(live[-1]) + 1
+    step = rows_per_block(batch, heads, keys) if grad_out is None else max(1, rows_per_block(batch, heads, keys) // 2)
+    scaling = dim**-0.5 if view.scaling is None else float(view.scaling)
+    for q0 in range(lo, hi, step):
+        q1 = min(hi, q0 + step)
+        rows = q1 - q0
         qb = q[:, :, q0:q1].to(dt).reshape(batch, kv_heads, group * rows, dim)
         logits = torch.matmul(qb, k).view(batch, heads, rows, keys) * scaling
         if view.softcap is not None:
