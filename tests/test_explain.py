@@ -355,3 +355,12 @@ def test_span_target_sums_the_generated_tokens():
 def test_span_needs_a_positive_length():
     with pytest.raises(OptionError, match="span:K needs"):
         E.explain(_model("llama"), None, [[1, 2, 3]], target="span:0")
+
+
+def test_layer_progress_of_attention_methods():
+    model = _model("llama")
+    seen = []
+    E.explain(
+        model, None, _inputs()[:1], methods=["rollout", "attn_grad", "saliency"], on_layer=lambda *a: seen.append(a)
+    )
+    assert seen == [("rollout", 1, 2), ("rollout", 2, 2), ("attn_grad", 1, 2), ("attn_grad", 2, 2)]

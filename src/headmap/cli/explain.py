@@ -51,14 +51,24 @@ def explain(
     bar = None
     if progress and sys.stderr.isatty():
         bar = Progress(
-            TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
         )
         bar.start()
-        task = bar.add_task("explain", total=None)
+        task = bar.add_task("inputs", total=None)
+        layers = bar.add_task("layers", total=None, visible=False)
 
     def step(done: int, total: int) -> None:
         if bar is not None:
             bar.update(task, completed=done, total=total)
+
+    def on_layer(method: str, done: int, total: int) -> None:  # a long input's progress, layer by layer
+        if bar is not None:
+            bar.update(layers, description=method, completed=done, total=total, visible=done < total)
 
     try:
         result = run_explain(
@@ -76,6 +86,7 @@ def explain(
             overwrite=overwrite,
             seed=seed,
             progress=step,
+            on_layer=on_layer,
         )
     finally:
         if bar is not None:

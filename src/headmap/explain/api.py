@@ -113,6 +113,7 @@ def explain(
     batch_size: int = 1,
     max_length: int | None = None,
     progress: Callable[[int], None] | None = None,
+    on_layer: Callable[[str, int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Attribute the target on each text to its tokens: a table (sample, position, token_id, token, method,
     target, value), one row per real token, method and text.
@@ -120,9 +121,10 @@ def explain(
     ``target``: next, token:WORD, contrast:A,B, span:K or class:N (see :mod:`headmap.explain.targets`);
     ``methods``: names of :data:`METHODS` or method objects (e.g. ``IntegratedGradients(steps=64)``).
     Integrated gradients' completeness gap per text is in ``frame.attrs["integrated_gradients_gap"]``.
-    ``progress(n)`` is called after each batch with the number of texts it held.
+    ``progress(n)`` is called after each batch with the number of texts it held, ``on_layer(method, done,
+    total)`` after each layer pass of rollout and attn_grad (a long input's progress).
     """
-    return _run(model, tokenizer, texts, target, methods, batch_size, max_length, progress, None)
+    return _run(model, tokenizer, texts, target, methods, batch_size, max_length, progress, None, on_layer)
 
 
 def explain_and_measure(
@@ -135,11 +137,12 @@ def explain_and_measure(
     max_length: int | None = None,
     progress: Callable[[int], None] | None = None,
     seed: int = 0,
+    on_layer: Callable[[str, int, int], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`explain`, and the faithfulness and agreement table of the same attributions
     (:class:`~headmap.explain.faithfulness.Faithfulness`; the random-order control drawn with ``seed``)."""
     faith = Faithfulness(seed=seed)
-    frame = _run(model, tokenizer, texts, target, methods, batch_size, max_length, progress, faith)
+    frame = _run(model, tokenizer, texts, target, methods, batch_size, max_length, progress, faith, on_layer)
     return frame, faith.frame()
 
 
@@ -153,6 +156,7 @@ def _run(
     max_length: int | None,
     progress: Callable[[int], None] | None,
     faith: Faithfulness | None,
+    on_layer: Callable[[str, int, int], None] | None = None,
 ) -> pd.DataFrame:
     goal = parse_target(target, model, tokenizer)
     chosen = resolve_methods(methods)
@@ -162,6 +166,7 @@ def _run(
     model.eval()  # dropout off while explaining; the mode the model had is put back
     try:
         for first, job in jobs(model, tokenizer, rows, goal, batch_size):
+            job.on_layer = on_layer
             for method in chosen:
                 method.check(job)
             values = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -45,6 +46,12 @@ class Job:
     pad: int
     #: per-sample diagnostics a method reports (e.g. ``integrated_gradients_gap``), [B] tensors
     notes: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: ``on_layer(method, done, total)`` after each layer pass of an attention method (long inputs)
+    on_layer: Callable[[str, int, int], None] | None = None
+
+    def layer_done(self, method: str, done: int, total: int) -> None:
+        if self.on_layer is not None:
+            self.on_layer(method, done, total)
 
     @property
     def keep(self) -> int:

@@ -99,6 +99,7 @@ def run_explain(
     overwrite: bool = False,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    on_layer: Callable[[str, int, int], None] | None = None,
 ) -> ExplainRun:
     """Explain ``target`` on the texts with ``methods``; write attributions.parquet, faithfulness.parquet,
     explain.json and explain.html (token strips and deletion curves) into ``out``.
@@ -131,6 +132,7 @@ def run_explain(
         max_length=max_length,
         progress=step,
         seed=seed,
+        on_layer=on_layer,
     )
     meta = {
         "model": loaded.model_id,

@@ -30,6 +30,8 @@ class Rollout(Method):
         with torch.no_grad():
             job.outputs(probes=[capture])
             r = job.rows.clone()
-            for view in reversed(capture.layers()):
+            views = capture.layers()
+            for i, view in enumerate(reversed(views)):
                 r = 0.5 * row_product(view, r) + 0.5 * r
+                job.layer_done(self.name, i + 1, len(views))
         return r * job.mask
