@@ -309,7 +309,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--mem-limit-gib", type=float, default=20.0)
+    p.add_argument("--mem-limit-gib", type=float, default=8.0)
     p.add_argument("--json", type=Path, help="write every row here")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--captum", action=argparse.BooleanOptionalAction, default=True)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..engine import check_supported, observe
 from ..errors import HeadmapError, ModelError
-from ..models import logits_to_keep, position_ids
+from ..models import is_causal_lm, logits_to_keep, position_ids
 from .targets import Target
 
 
@@ -101,7 +101,7 @@ def engine_problem(model: nn.Module) -> str | None:
 
 def make_job(model: nn.Module, target: Target, rows_ids: list[list[int]], pad: int) -> Job:
     """Pad token id rows into a :class:`Job`; generate what the target explains (next, span)."""
-    causal = target.kind != "class" or bool(getattr(model.config, "is_decoder", False)) or _decoder(model)
+    causal = target.kind != "class" or is_causal_lm(model.config)  # decoders: left padding, last row
     width = max(len(r) for r in rows_ids)
     batch = len(rows_ids)
     device = next(model.parameters()).device
@@ -144,12 +144,6 @@ def _generate(job: Job, steps: int) -> None:
             job.mask = torch.cat([job.mask, ones], dim=1)
             job.rows = torch.cat([job.rows, job.rows.new_ones(job.ids.shape[0], 1)], dim=1)
             job.chosen = torch.cat([job.chosen, job.chosen.new_zeros(job.ids.shape[0], 1)], dim=1)
-
-
-def _decoder(model: nn.Module) -> bool:
-    from ..models import is_causal_lm
-
-    return is_causal_lm(model.config)
 
 
 class Method:
