@@ -17,7 +17,7 @@ x 50 x 0.05 ~ 4e-7, so |Δr| <~ 4e-7 < 1e-6, the issue's bound, used below.
 
 attn_grad: r^T (I + Ā), Ā = mean_h (dA ⊙ A)^+; the same count with dA's relative error (also ~e_2, from
 the same forward) gives |Δr|_1 <= |r|_1 max_i |Ā_i|_1 2 e_2, with |r|_1 and |Ā_i|_1 below 1.1 on these
-models: <~ 1e-6. Measured (this machine): at most 6.3e-9 (rollout, Mistral) and 5.9e-10 (attn_grad).
+models: <~ 1e-6. Measured (this machine): at most 6.3e-9 (rollout, Mistral) and 2.2e-9 (attn_grad, Gemma 2).
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ import copy
 import pytest
 import torch
 from tiny_models import tiny
-from transformers import BertConfig, BertForSequenceClassification, MistralConfig, MistralForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 import headmap.explain as E
 from headmap.errors import HeadmapError, ModelError, OptionError
@@ -50,6 +57,22 @@ def _model(kind: str):
             attn_implementation="eager",
         )
         return MistralForCausalLM(cfg).eval()
+    if kind == "gemma2":  # logit softcap (tanh) and sliding-window layers alternating with full ones
+        torch.manual_seed(0)
+        cfg = Gemma2Config(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=4,
+            attn_logit_softcapping=0.5,  # small, so that the cap bends the logits of these tiny models
+            query_pre_attn_scalar=8,
+            attn_implementation="eager",
+        )
+        return Gemma2ForCausalLM(cfg).eval()
     if kind == "bert":
         torch.manual_seed(0)
         cfg = BertConfig(
@@ -65,7 +88,13 @@ def _model(kind: str):
     return tiny(kind)[0]
 
 
-CASES = [("llama", "next"), ("mistral", "contrast:3,7"), ("gpt2", "token:11"), ("bert", "class:1")]
+CASES = [
+    ("llama", "next"),
+    ("mistral", "contrast:3,7"),
+    ("gemma2", "token:5"),
+    ("gpt2", "token:11"),
+    ("bert", "class:1"),
+]
 
 
 def _inputs(seed: int = 1) -> list[list[int]]:
@@ -174,14 +203,15 @@ def test_attn_grad_equals_brute_force(case):
 
 
 def test_saliency_and_ig_equal_hand_autograd(case):
-    """Gradients through the float32-softmax forward: relative error a few 2^-22 per layer (docstring);
-    rtol 1e-5 leaves a factor 10 over L = 2 layers, atol 1e-9 covers entries near 0."""
+    """Gradients through the float32-softmax forward carry a relative error of order e_2 (module docstring,
+    <~ 1e-6) in each term; a token's value sums its embedding's terms, which cancel, so the error is
+    relative to the largest value of the input, not to each value: tolerance 1e-5 x max |value|."""
     model, target, rows, frame = case
     for ids, sal, ig in zip(
         rows, _by_sample(frame, "saliency"), _by_sample(frame, "integrated_gradients"), strict=True
     ):
-        assert torch.allclose(sal, brute_saliency(model, ids, target), rtol=1e-5, atol=1e-9)
-        assert torch.allclose(ig, brute_ig(model, ids, target, steps=8), rtol=1e-5, atol=1e-9)
+        for got, want in ((sal, brute_saliency(model, ids, target)), (ig, brute_ig(model, ids, target, steps=8))):
+            assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
 def test_ig_completeness_gap_shrinks_with_steps():

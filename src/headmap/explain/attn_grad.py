@@ -36,10 +36,10 @@ class AttnGrad(Method):
             views = capture.layers()
             grads = torch.autograd.grad(y.sum(), [v.output for v in views], allow_unused=True)
         with torch.no_grad():
-            r = job.rows.clone()
+            r, plans = job.rows.clone(), {}
             for i, (view, d_out) in enumerate(zip(reversed(views), reversed(grads), strict=True)):
                 if d_out is not None:
-                    r = r + row_product(view, r, grad_out=d_out)
+                    r = r + row_product(view, r, grad_out=d_out, plans=plans)
                 view.output = None
                 job.layer_done(self.name, i + 1, len(views))
         return r * job.mask

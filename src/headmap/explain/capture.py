@@ -35,12 +35,43 @@ class Capture(Probe):
         return [self.views[k] for k in sorted(self.views)]
 
 
-def row_product(view: QKView, r: torch.Tensor, grad_out: torch.Tensor | None = None) -> torch.Tensor:
+def _plan(view: QKView, q0: int, q1: int, keys: int, plans: dict | None) -> tuple[int, int, tuple, bool] | None:
+    """(k0, k1, segments, empty_rows) of a block of rows, or None when no row sees a key.
+
+    [k0, k1) are the key columns some row sees; ``segments`` the column ranges (relative to k0) that
+    hold a hidden entry (the rest is visible to every row, as in the engine's block plans);
+    ``empty_rows``: some row sees no key. Layers that share the mask object share the plan.
+    """
+    key = (id(view.mask), q0, q1, keys)
+    if plans is not None and key in plans:
+        return plans[key]
+    visible = view.mask.block(q0, q1, 0, keys)[:, 0]  # [B, rows, keys]
+    cols = torch.nonzero(visible.any(dim=1).any(dim=0)).squeeze(-1)
+    plan = None
+    if cols.numel():
+        k0, k1 = int(cols[0]), int(cols[-1]) + 1
+        full = torch.nonzero(visible[..., k0:k1].all(dim=1).all(dim=0)).squeeze(-1)
+        if full.numel() and bool(visible[..., k0 + int(full[0]) : k0 + int(full[-1]) + 1].all()):
+            a, b = int(full[0]), int(full[-1]) + 1
+            segments = tuple(seg for seg in ((0, a), (b, k1 - k0)) if seg[1] > seg[0])
+        else:
+            segments = ((0, k1 - k0),)
+        plan = (k0, k1, segments, not bool(visible.any(dim=-1).all()))
+    if plans is not None:
+        plans[key] = plan
+    return plan
+
+
+def row_product(
+    view: QKView, r: torch.Tensor, grad_out: torch.Tensor | None = None, plans: dict | None = None
+) -> torch.Tensor:
     """[B, Tk] float64: sum_i r[b, i] * mean_h M[b, h, i, :] for the attention call of ``view``.
 
     M is the attention A (softmax of the scaled, capped, masked logits, with the sink logit where the
     model has one), or with ``grad_out`` (dy/d output, [B, Tq, H, Dv]) Chefer's (dA ⊙ A)^+ where
-    dA = dy/dA = dO V^T. Rows with r = 0 are skipped; rows that see no key count as 0.
+    dA = dy/dA = dO V^T. Rows with r = 0 are skipped; rows that see no key count as 0. Key columns
+    no row of a block sees are skipped (causal: half the work), and only the columns that hold a
+    hidden entry are masked. ``plans``: a dict shared across the layers of one forward (block plans).
     Arithmetic in float64 for float64 models, else float32 (as the engine's softmax).
     """
     q, k = view.query.detach(), view.key.detach()
@@ -60,24 +91,25 @@ def row_product(view: QKView, r: torch.Tensor, grad_out: torch.Tensor | None = N
     for q0 in range(lo, hi, step):
         q1 = min(hi, q0 + step)
         rows = q1 - q0
-        visible = view.mask.block(q0, q1, 0, keys)  # [B, 1, rows, keys]
-        cols = torch.nonzero(visible.any(dim=2).any(dim=1).any(dim=0)).squeeze(-1)
-        if not cols.numel():
+        plan = _plan(view, q0, q1, keys, plans)
+        if plan is None:
             continue
-        k0, k1 = int(cols[0]), int(cols[-1]) + 1  # keys no row of the block sees are skipped (causal: half)
-        visible = visible[..., k0:k1]
-        qb = q[:, :, q0:q1].to(dt).reshape(batch, kv_heads, group * rows, dim)
-        logits = torch.matmul(qb, k[..., k0:k1]).view(batch, heads, rows, k1 - k0).mul_(scaling)
+        k0, k1, segments, empty_rows = plan
+        # the scale on Q (rows x d) rather than on the logits (rows x T): the same up to one rounding
+        qb = (q[:, :, q0:q1].to(dt) * scaling).reshape(batch, kv_heads, group * rows, dim)
+        logits = torch.matmul(qb, k[..., k0:k1]).view(batch, heads, rows, k1 - k0)
         if view.softcap is not None:
             logits = torch.tanh(logits / view.softcap) * view.softcap
-        logits.masked_fill_(~visible, -torch.inf)
+        for a, b in segments:
+            hidden = ~view.mask.block(q0, q1, k0 + a, k0 + b)
+            logits[..., a:b].masked_fill_(hidden, -torch.inf)
         if view.sink_logits is None:
             probs = torch.softmax(logits, dim=-1)
         else:
             sink = view.sink_logits.to(dt).expand(batch, heads, rows, 1)
             probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
         del logits
-        if not bool(visible.any(dim=-1).all()):  # a row that sees no key: 0, not NaN
+        if empty_rows:  # a row that sees no key: 0, not NaN
             probs = torch.nan_to_num_(probs, nan=0.0)
         if grad_out is not None:
             d_out = grad_out[:, q0:q1].transpose(1, 2).to(dt).reshape(batch, kv_heads, group * rows, -1)
@@ -85,29 +117,4 @@ def row_product(view: QKView, r: torch.Tensor, grad_out: torch.Tensor | None = N
             probs = d_probs.mul_(probs).clamp_(min=0)
         weights = r[:, None, None, q0:q1].to(dt)  # [B, 1, 1, rows]
         acc[:, k0:k1] += torch.matmul(weights, probs).sum(dim=(1, 2)).double() / heads
-    return acc
-    lo, hi = int(live[0]), int(live[-1]) + 1
-    step = rows_per_block(batch, heads, keys) if grad_out is None else max(1, rows_per_block(batch, heads, keys) // 2)
-    scaling = dim**-0.5 if view.scaling is None else float(view.scaling)
-    for q0 in range(lo, hi, step):
-        q1 = min(hi, q0 + step)
-        rows = q1 - q0
-        qb = q[:, :, q0:q1].to(dt).reshape(batch, kv_heads, group * rows, dim)
-        logits = torch.matmul(qb, k).view(batch, heads, rows, keys) * scaling
-        if view.softcap is not None:
-            logits = torch.tanh(logits / view.softcap) * view.softcap
-        visible = view.mask.block(q0, q1, 0, keys)
-        logits = logits.masked_fill(~visible, -torch.inf)
-        if view.sink_logits is None:
-            probs = torch.softmax(logits, dim=-1)
-        else:
-            sink = view.sink_logits.to(dt).expand(batch, heads, rows, 1)
-            probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
-        probs = torch.nan_to_num(probs, nan=0.0)
-        if grad_out is not None:
-            d_out = grad_out[:, q0:q1].transpose(1, 2).to(dt).reshape(batch, kv_heads, group * rows, -1)
-            d_probs = torch.matmul(d_out, v).view(batch, heads, rows, keys)
-            probs = (d_probs * probs).clamp_(min=0)
-        weights = r[:, q0:q1].to(dt)
-        acc += torch.einsum("bi,bhik->bk", weights, probs).double() / heads
     return acc

@@ -30,8 +30,8 @@ class Rollout(Method):
         with torch.no_grad():
             job.outputs(probes=[capture])
             r = job.rows.clone()
-            views = capture.layers()
+            views, plans = capture.layers(), {}
             for i, view in enumerate(reversed(views)):
-                r = 0.5 * row_product(view, r) + 0.5 * r
+                r = 0.5 * row_product(view, r, plans=plans) + 0.5 * r
                 job.layer_done(self.name, i + 1, len(views))
         return r * job.mask
