@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..evaluation.stats import sign_test
 from .base import Job
 
 FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.5)  # ERASER's bins
@@ -120,6 +119,9 @@ class Faithfulness:
     def frame(self) -> pd.DataFrame:
         """Rows (method, metric, other, fraction, value, stderr, n): the curves' points, comprehensiveness,
         sufficiency, the sign test against random (``p_above_random``), and the agreement of each pair."""
+        # evaluation sits above explain in the layers; its statistics are read here, lazily, where used
+        from ..evaluation.stats import sign_test
+
         rows = []
         random_comp = np.mean(np.stack(self.curves["random"]["deletion"]), axis=1) if "random" in self.curves else None
         for name in self.methods:
