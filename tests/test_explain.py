@@ -395,3 +395,13 @@ def test_layer_progress_of_attention_methods():
         model, None, _inputs()[:1], methods=["rollout", "attn_grad", "saliency"], on_layer=lambda *a: seen.append(a)
     )
     assert seen == [("rollout", 1, 2), ("rollout", 2, 2), ("attn_grad", 1, 2), ("attn_grad", 2, 2)]
+
+
+def test_texts_past_the_position_limit_are_cut_with_a_warning():
+    model = _model("gpt2")  # n_positions 64
+    with pytest.warns(UserWarning, match="1 text\\(s\\) longer than the model's position limit \\(64 tokens\\)"):
+        frame = E.explain(model, None, [list(range(1, 81)), [1, 2, 3]], methods=["rollout"])
+    assert frame.groupby("sample").size().tolist() == [64, 3]
+    with pytest.warns(UserWarning, match="longer than --max-length \\(5 tokens\\)"):
+        frame = E.explain(model, None, [list(range(1, 9))], methods=["rollout"], max_length=5)
+    assert len(frame) == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ import pandas as pd
 import torch
 
 from ..errors import OptionError
-from ..models import pad_id
+from ..models import max_positions, pad_id
 from .attn_grad import AttnGrad
 from .base import Job, Method, make_job
 from .faithfulness import Faithfulness
@@ -160,7 +161,13 @@ def _run(
 ) -> pd.DataFrame:
     goal = parse_target(target, model, tokenizer)
     chosen = resolve_methods(methods)
-    rows = encode(texts, tokenizer, max_length)
+    limit = max_length if max_length is not None else max_positions(model.config)
+    rows = encode(texts, tokenizer, None)
+    cut = sum(len(r) > limit for r in rows) if limit else 0
+    if cut:
+        why = "--max-length" if max_length is not None else "the model's position limit"
+        warnings.warn(f"{cut} text(s) longer than {why} ({limit} tokens) were cut to it", stacklevel=3)
+        rows = [r[:limit] for r in rows]
     frames, gaps = [], []
     training = model.training
     model.eval()  # dropout off while explaining; the mode the model had is put back
