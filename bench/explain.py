@@ -181,6 +181,7 @@ def timing(args: argparse.Namespace) -> list[dict]:
                 rows.append(
                     {"mode": mode, "T": T, "status": "skipped", "error": f"{eager_bytes / GIB:.1f} GiB of maps"}
                 )
+                print(_line(rows[-1]), flush=True)
                 continue
             row = run_child(args, mode, T, limit)
             rows.append(row)
