@@ -212,6 +212,7 @@ def headmap_attention_forward(
     # A power-of-two scale commutes exactly with the matmul's rounding: fold it into Q (rows x d)
     # instead of a pass over every logit (rows x T). Other scales are applied to the logits,
     # as eager does, to keep its rounding.
+    logit_scale = scaling
     q_scale = 1.0
     if math.frexp(scaling)[0] == 0.5:
         q_scale, scaling = scaling, 1.0
@@ -223,7 +224,22 @@ def headmap_attention_forward(
         key_valid = masks.key_valid()
         if key_valid is None:
             key_valid = torch.ones(batch, k_len, dtype=torch.bool, device=query.device)
-        view = QKView(layer, module, query, key, masks.query_valid(q_all), key_valid, q_all, k_all, item_start)
+        view = QKView(
+            layer,
+            module,
+            query,
+            key,
+            masks.query_valid(q_all),
+            key_valid,
+            q_all,
+            k_all,
+            item_start,
+            value=value,
+            mask=masks,
+            scaling=logit_scale,
+            softcap=softcap,
+            sink_logits=sink_logits,
+        )
         for probe in qk_probes:
             probe.update_qk(view)
 
@@ -291,7 +307,10 @@ def headmap_attention_forward(
             outputs.append(run(qb, kb, vb, sink_logits))
 
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    out = out.transpose(1, 2).contiguous()
+    if qk_probes:
+        view.output = out
+    return out, None
 
 
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -210,9 +210,31 @@ class QKView:
     change them); ``query_valid`` [B, Tq] and ``key_valid`` [B, Tk] flag real tokens;
     ``q_pos`` [Tq] and ``k_pos`` [Tk] are absolute positions and ``item_start`` [B] the position
     of each input's first real token.
+
+    So that an observer can recompute this call's attention later, block by block, the view also
+    holds ``value`` [B, Hkv, Tk, Dv], ``mask`` (the call's block mask: ``mask.block(q0, q1, k0, k1)``
+    gives [B, 1, bq, bk] bool, True = visible), the logit settings ``scaling``, ``softcap`` and
+    ``sink_logits`` ([1, H, 1, 1] or None), and, once the call returns, ``output`` [B, Tq, H, Dv]
+    (the tensor the model receives, part of the autograd graph when gradients are on).
     """
 
-    def __init__(self, layer, module, query, key, query_valid, key_valid, q_pos, k_pos, item_start) -> None:
+    def __init__(
+        self,
+        layer,
+        module,
+        query,
+        key,
+        query_valid,
+        key_valid,
+        q_pos,
+        k_pos,
+        item_start,
+        value=None,
+        mask=None,
+        scaling=None,
+        softcap=None,
+        sink_logits=None,
+    ) -> None:
         self.layer = layer
         self.module = module
         self.query = query
@@ -222,6 +244,12 @@ class QKView:
         self.q_pos = q_pos
         self.k_pos = k_pos
         self.item_start = item_start
+        self.value = value
+        self.mask = mask
+        self.scaling = scaling
+        self.softcap = softcap
+        self.sink_logits = sink_logits
+        self.output = None
 
     @property
     def num_heads(self) -> int:
