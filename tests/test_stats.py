@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headmap.errors import HeadmapError, OptionError, TaskError
-from headmap.evaluation import stats
+from headmap import stats
 
 # Textbook values are printed to 4 decimals in their sources; 5e-5 is half a unit of the last printed digit.
 PRINTED = 5e-5

@@ -9,7 +9,7 @@ important first, and replace the top fraction f of them by a baseline token (the
   mean: low = those tokens alone carry the prediction.
 
 A ``random`` order (seeded, one permutation per input) is the control every method must beat; the
-sign test over inputs (:func:`headmap.evaluation.stats.sign_test`, each input one unit) says how
+sign test over inputs (:func:`headmap.stats.sign_test`, each input one unit) says how
 often a method's comprehensiveness is above the random one's. Tokens are replaced, not removed, so
 that positions stay where they were (the same choice as occlusion).
 
@@ -120,7 +120,7 @@ class Faithfulness:
         """Rows (method, metric, other, fraction, value, stderr, n): the curves' points, comprehensiveness,
         sufficiency, the sign test against random (``p_above_random``), and the agreement of each pair."""
         # evaluation sits above explain in the layers; its statistics are read here, lazily, where used
-        from ..evaluation.stats import sign_test
+        from ..stats import sign_test
 
         rows = []
         random_comp = np.mean(np.stack(self.curves["random"]["deletion"]), axis=1) if "random" in self.curves else None

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OptionError, TaskError
+from .errors import OptionError, TaskError
 
 LEVEL = 0.95
 DEFAULT_RESAMPLES = 2000
