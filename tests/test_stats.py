@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from headmap.errors import HeadmapError, OptionError, TaskError
 from headmap import stats
+from headmap.errors import HeadmapError, OptionError, TaskError
 
 # Textbook values are printed to 4 decimals in their sources; 5e-5 is half a unit of the last printed digit.
 PRINTED = 5e-5
