@@ -375,6 +375,13 @@ def test_head_aware_with_an_atlas_of_another_model(atlas):
             pass
 
 
+def test_head_aware_with_an_atlas_of_other_kv_heads(atlas):
+    model = build("llama", num_key_value_heads=4)
+    with pytest.raises(PressError, match="2 key/value heads per layer, but this model has 4"):
+        with compress(model, small("head_aware", 0.5, atlas)):
+            pass
+
+
 def test_encoder_has_no_kv_cache():
     from transformers import BertConfig, BertModel
 
@@ -394,3 +401,19 @@ def test_snapkv_window_larger_than_the_context_is_the_identity_with_a_note():
             with compress(model, make_press("snapkv", ratio=0.5, window=64)):
                 got = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, want)
+
+
+def test_press_composes_with_an_observing_session():
+    from headmap.probes import SinkProbe
+
+    model = build("llama")
+    ids = ids_of(30)
+    press = make_press("h2o", ratio=0.5)
+    with torch.no_grad():
+        with compress(model, press):
+            alone = model.generate(ids, max_new_tokens=4, do_sample=False)
+        probe = SinkProbe()
+        with headmap.observe(model, probes=[probe]), compress(model, press) as run:
+            both = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(both, alone)  # observing changes nothing
+    assert run.kept and probe.head_rows()  # the press pressed and the probe measured

@@ -95,3 +95,13 @@ def test_existing_table_is_not_replaced(monkeypatch, capsys, tiny_llama_dir, tas
                        str(task_file), "--out", str(out))  # fmt: skip
     one_line_error(code, err, "--overwrite")
     assert (out / "compress.parquet").read_text() == "earlier"
+
+
+def test_context_longer_than_the_model_limit(monkeypatch, capsys, tiny_llama_dir, tmp_path):
+    task = tmp_path / "long.jsonl"
+    task.write_text(json.dumps({"id": "long-1", "context": "the cat sat " * 200, "answer": "cat"}) + "\n")
+    out = tmp_path / "o"
+    code, _, err = run(monkeypatch, capsys, "compress", str(tiny_llama_dir), "--press", "knorm", "--task", str(task),
+                       "--out", str(out))  # fmt: skip
+    one_line_error(code, err, "item long-1", "limit of 256")
+    assert not (out / "compress.parquet").exists()

@@ -249,6 +249,14 @@ def compress_command(
     loaded = load_model(model, dtype=dtype, device=device)
     check_model(loaded.model)
     items = load_items(task, loaded.tokenizer, limit, max_positions(loaded.model.config))
+    limit_tokens = max_positions(loaded.model.config)
+    for item in items:
+        n = len(loaded.tokenizer(item["prompt"])["input_ids"])
+        if limit_tokens is not None and n + max_new_tokens > limit_tokens:
+            raise TaskError(
+                f"--task item {item['id']}: {n} tokens + {max_new_tokens} new tokens exceed the model's limit of "
+                f"{limit_tokens} positions; use a shorter context or fewer --max-new-tokens"
+            )
     for _, _, built in presses:
         built.bind(loaded.model)
     rows = sweep(loaded.model, loaded.tokenizer, presses, items, max_new_tokens)
