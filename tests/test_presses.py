@@ -417,3 +417,16 @@ def test_press_composes_with_an_observing_session():
             both = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(both, alone)  # observing changes nothing
     assert run.kept and probe.head_rows()  # the press pressed and the probe measured
+
+
+def test_two_generations_in_one_block_are_independent():
+    model = build("llama")
+    a, b = ids_of(30, seed=4), ids_of(26, seed=5)
+    press = small("adakv", 0.5)
+    with torch.no_grad():
+        with compress(model, press):
+            want_b = model.generate(b, max_new_tokens=4, do_sample=False)
+        with compress(model, press):
+            model.generate(a, max_new_tokens=4, do_sample=False)  # leaves a ragged cache behind
+            got_b = model.generate(b, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got_b, want_b)

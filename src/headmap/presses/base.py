@@ -298,6 +298,7 @@ def compress(model: nn.Module, press: Press, record_scores: bool = False) -> Ite
         collector.active = state["prefill"]
         if state["prefill"]:
             collector.reset(length)
+            run.cache = None  # a new sequence: the edit must not read the previous one's ragged layers
 
     def hook(module, args, kwargs, output):
         if not state.get("prefill"):
