@@ -430,3 +430,98 @@ def test_two_generations_in_one_block_are_independent():
             model.generate(a, max_new_tokens=4, do_sample=False)  # leaves a ragged cache behind
             got_b = model.generate(b, max_new_tokens=4, do_sample=False)
     assert torch.equal(got_b, want_b)
+
+
+# -- decoding with a fixed budget -------------------------------------------------------------------
+def masked_eager_all(model, ids, visible):
+    """Logits [B, P, V] of eager attention where row p sees key j iff ``visible[b, h, p, j]`` (every layer)."""
+    module = sys.modules[type(model).__module__]
+    original = module.eager_attention_forward
+
+    def patched(mod, query, key, value, attention_mask, **kw):
+        hide = ~visible[mod.layer_idx] if isinstance(visible, dict) else ~visible
+        attention_mask = torch.zeros(hide.shape).masked_fill(hide, torch.finfo(torch.float32).min)
+        return original(mod, query, key, value, attention_mask, **kw)
+
+    module.eager_attention_forward = patched
+    try:
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits.double()
+    finally:
+        module.eager_attention_forward = original
+
+
+def decode_steps(model, press, prompt, steps, record=False):
+    """Greedy steps after a pressed prefill of ``prompt``: (tokens [1, P], logits of each step, run)."""
+    with compress(model, press, record_scores=record) as run, torch.no_grad():
+        out = model(prompt, use_cache=True)
+        ids, logits = prompt, []
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            ids = torch.cat([ids, token], dim=1)
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1].double())
+    return ids, torch.stack(logits, dim=1), run
+
+
+def test_streaming_keeps_its_budget_while_decoding():
+    model = build("llama")
+    t, sinks, window, steps = 20, 2, 6, 8
+    ids, got, run = decode_steps(
+        model, make_press("streaming", sinks=sinks, window=window, decode=True), ids_of(t), steps
+    )
+    for layer in run.cache.layers:
+        assert layer.keys.shape[2] == sinks + window  # one entry out for every token in
+    p = ids.shape[1]
+    visible = torch.ones(p, p).tril().bool()
+    for row in range(t, p):  # a decoding query sees the sinks, the `window` tokens before it, and itself
+        visible[row] = False
+        visible[row, :sinks] = True
+        visible[row, row - window : row + 1] = True
+    want = masked_eager_all(model, ids, visible[None, None])[:, t:p]  # step k's query sits at position t + k
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)  # bound: as in the next-token test above
+
+
+def test_h2o_keeps_its_budget_while_decoding_with_running_sums():
+    model = build("llama")
+    t, steps = 20, 6
+    press = make_press("h2o", ratio=0.5, decode=True)
+    ids, got, run = decode_steps(model, press, ids_of(t), steps, record=True)
+    assert len(run.history) == steps
+    for layer in run.cache.layers:
+        assert layer.keys.shape[2] == int(t * 0.5)
+    p = ids.shape[1]
+    visible = {}
+    for layer in range(2):
+        vis = torch.ones(1, 4, p, p).tril().bool()
+        for k, step in enumerate(run.history):  # what the query of step k saw, per kv head
+            row = t + k
+            seen = torch.zeros(1, 2, p, dtype=torch.bool)
+            seen.scatter_(2, step[layer].long(), True)
+            vis[:, :, row] = seen.repeat_interleave(2, dim=1)
+        visible[layer] = vis
+    logits = masked_eager_all(model, ids, visible)
+    assert torch.allclose(got, logits[:, t:p], atol=1e-5, rtol=0)  # bound: as above
+    # the running sums are the attention each kept key received from every query so far
+    module = sys.modules[type(model).__module__]
+    original = module.eager_attention_forward
+    attn = {}
+
+    def keep_weights(mod, query, key, value, attention_mask, **kw):
+        hide = ~visible[mod.layer_idx]
+        mask = torch.zeros(hide.shape).masked_fill(hide, torch.finfo(torch.float32).min)
+        out, weights = original(mod, query, key, value, mask, **kw)
+        attn[mod.layer_idx] = weights.double()
+        return out, weights
+
+    module.eager_attention_forward = keep_weights
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        module.eager_attention_forward = original
+    for index, layer in enumerate(run.cache.layers):
+        total = attn[index].sum(dim=2).view(1, 2, 2, p).mean(2)  # over every query, prefill and decoding
+        want = total.gather(2, layer.positions.long())
+        # float32 running sums over at most p terms each below 1: within p eps32 of the float64 sums
+        assert torch.allclose(layer.scores.double(), want, atol=p * EPS32 * 4, rtol=0)

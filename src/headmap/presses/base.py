@@ -139,6 +139,15 @@ class Press:
         """True when heads may keep different numbers of entries (a :class:`RaggedLayer`)."""
         return False
 
+    @property
+    def evicts_in_decoding(self) -> bool:
+        """True when the press also keeps a fixed budget while decoding (one entry out per token in)."""
+        return False
+
+    def decode_scores(self, layer: PressedLayer) -> torch.Tensor:
+        """[B, Hkv, stored] scores of a tracked layer's entries after a decoding step (higher = keep)."""
+        raise NotImplementedError
+
     def notes(self, length: int) -> list[str]:
         """Remarks for the user about a prefill of ``length`` tokens (e.g. 'the window covers it')."""
         return []
@@ -204,7 +213,9 @@ class _Collector:
     def _add(store: dict, layer: int, block: Block, mass: torch.Tensor, length: int) -> None:
         acc = store.get(layer)
         if acc is None:
-            acc = store[layer] = mass.new_zeros(mass.shape[0], mass.shape[1], length)
+            acc = store[layer] = mass.new_zeros(mass.shape[0], mass.shape[1], max(length, block.k_end))
+        elif acc.shape[-1] < block.k_end:  # decoding: the call's key count is known only from its blocks
+            acc = store[layer] = torch.nn.functional.pad(acc, (0, block.k_end - acc.shape[-1]))
         acc[..., block.k_start : block.k_end] += mass
 
     def update(self, block: Block) -> None:
@@ -213,7 +224,7 @@ class _Collector:
         if self.want_received:
             mass, _ = block.column_sums(exclude_self=False)  # [B, H, bk] float64, real query rows only
             self._add(self.received, block.layer, block, mass, self.length)
-        if self.window:
+        if self.window and self.length:
             first = self.length - self.window  # rows [first, T) are the last `window` queries
             r0 = max(first - block.q_start, 0)
             if r0 < block.q_end - block.q_start:
@@ -238,6 +249,9 @@ class Compression:
     cache: Any = None
     full_bytes: int = 0
     record_scores: bool = False
+    #: with ``record_scores`` and a press that evicts while decoding: per decoding step, layer ->
+    #: positions [B, Hkv, n] of the entries the step's query saw (its own included)
+    history: list[dict[int, torch.Tensor]] = field(default_factory=list)
 
     def cache_bytes(self) -> int:
         """Bytes of the keys and values the model's cache holds now, measured from its tensors."""
@@ -295,13 +309,16 @@ def compress(model: nn.Module, press: Press, record_scores: bool = False) -> Ite
         state["prefill"] = _is_empty(cache) and length > 0
         state["mask"] = mask
         state["length"] = length
-        collector.active = state["prefill"]
+        collector.active = state["prefill"] or (press.evicts_in_decoding and press.reads_received)
+        collector.reset(length if state["prefill"] else 0)
         if state["prefill"]:
-            collector.reset(length)
             run.cache = None  # a new sequence: the edit must not read the previous one's ragged layers
 
     def hook(module, args, kwargs, output):
         if not state.get("prefill"):
+            if press.evicts_in_decoding and run.cache is not None:
+                _evict(run, collector)
+            collector.active = False
             return output
         collector.active = False
         cache = getattr(output, "past_key_values", None)
@@ -372,7 +389,39 @@ def _press_cache(run: Compression, cache: Any, collector: _Collector, state: dic
             continue
         keep = run.press.keep(view)
         run.kept[layer] = keep
-        cache.layers[layer] = _surgery(entry, keep, key_valid, length)
+        pressed = _surgery(entry, keep, key_valid, length)
+        if run.press.evicts_in_decoding and not isinstance(pressed, RaggedLayer):
+            if not isinstance(pressed, PressedLayer):  # all kept now; the budget still holds while decoding
+                pressed = PressedLayer(keys, values, seen=length)
+            idx = torch.nonzero(keep)[:, 2].view(batch, keys.shape[1], -1)
+            scores = run.press.score(view).gather(2, idx) if run.press.reads_received else None
+            pressed.track(run.press.budget(view), idx, item_start, scores)
+        cache.layers[layer] = pressed
+
+
+def _evict(run: Compression, collector: _Collector) -> None:
+    """After a decoding step: add the step's attention to running scores, then drop down to the budget."""
+    step: dict[int, torch.Tensor] = {}
+    for index, layer in enumerate(run.cache.layers):
+        if not isinstance(layer, PressedLayer) or layer.budget is None:
+            continue
+        if run.record_scores:
+            step[index] = layer.positions.clone()
+        received = collector.received.get(index)
+        if layer.scores is not None and received is not None:
+            batch, heads, _ = received.shape
+            stored = layer.keys.shape[2]
+            received = torch.nn.functional.pad(received, (0, max(0, stored - received.shape[-1])))[..., :stored]
+            kv_heads = layer.keys.shape[1]
+            layer.scores += received.view(batch, kv_heads, heads // kv_heads, stored).mean(2).float()
+        stored = layer.keys.shape[2]
+        if stored <= layer.budget:
+            continue
+        valid = layer.positions >= layer.item_start[:, None, None]
+        scores = run.press.decode_scores(layer).to(torch.float64).masked_fill(~valid, -math.inf)
+        layer.select(top_mask(scores, layer.budget))
+    if step:
+        run.history.append(step)
 
 
 def _surgery(entry: Any, keep: torch.Tensor, key_valid: torch.Tensor, length: int) -> Any:

@@ -38,12 +38,45 @@ class PressedLayer(DynamicLayer):
         self.keys, self.values = keys, values
         self.is_initialized = True
         self.seen = int(seen)
+        #: decoding-time eviction only (see :meth:`track`): entries kept after each step, the
+        #: positions [B, Hkv, n] int32 of the entries, each row's first real position [B], and the
+        #: running scores [B, Hkv, n] float32 of presses that add up attention (h2o)
+        self.budget: int | None = None
+        self.positions: torch.Tensor | None = None
+        self.item_start: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+
+    def track(self, budget: int, positions: torch.Tensor, item_start: torch.Tensor, scores=None) -> None:
+        """Keep ``budget`` entries per head during decoding; ``positions`` of the entries held now."""
+        self.budget = int(budget)
+        self.positions = positions.to(torch.int32)
+        self.item_start = item_start
+        self.scores = None if scores is None else scores.to(torch.float32)
 
     def update(self, key_states, value_states, *args, **kwargs):
+        start = self.seen
         self.seen += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.positions is not None:
+            batch, kv_heads, new = key_states.shape[:3]
+            fresh = torch.arange(start, self.seen, dtype=torch.int32, device=self.positions.device)
+            self.positions = torch.cat([self.positions, fresh.expand(batch, kv_heads, new)], dim=-1)
+            if self.scores is not None:
+                self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, kv_heads, new)], dim=-1)
         return self.keys, self.values
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep the entries where ``keep`` [B, Hkv, stored] is True (as many per head), in order."""
+        batch, kv_heads = keep.shape[:2]
+        n = int(keep[0, 0].sum())
+        idx = torch.nonzero(keep)[:, 2].view(batch, kv_heads, n)
+        self.keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])).contiguous()
+        self.values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1])).contiguous()
+        if self.positions is not None:
+            self.positions = self.positions.gather(2, idx)
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, idx)
 
     def stored(self) -> int:
         return self.keys.shape[-2]
@@ -63,7 +96,8 @@ class PressedLayer(DynamicLayer):
         raise NotImplementedError("a pressed cache cannot be cropped (assisted decoding is not supported)")
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        tensors = (self.keys, self.values, self.positions, self.scores)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class RaggedLayer(PressedLayer):
