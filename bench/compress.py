@@ -2,6 +2,7 @@
 
     python bench/compress.py                    # 4K tokens, ratio 0.5, installs kvpress in .venv-kvpress/
     python bench/compress.py --length 512 --no-kvpress
+    python bench/compress.py --no-kvpress --decode-length 8192   # also decoding with 25 % of the cache kept
 
 The model is random, GPT-2-small shaped (12 layers, 12 heads of 64, d_model 768, vocab 50257) but
 built as a Llama (RoPE, no biases), because kvpress hooks only Llama-family attention modules; the
@@ -81,6 +82,8 @@ def child(mode: str, folder: Path, length: int, ratio: float, window: int, repea
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32).eval()
     ids = torch.randint(1, 50257, (1, length), generator=torch.Generator().manual_seed(1))
     kept: dict[int, np.ndarray] = {}
+    if mode.startswith("decode:"):
+        return _decode(model, mode.split(":", 1)[1], ids, repeat, window)
     with torch.no_grad():
         model(ids[:, :64])  # warm-up
         times = []
@@ -133,6 +136,31 @@ def _headmap(model, mode, ids, ratio, window):
         model(ids, use_cache=True)
     kept = {k: v.numpy() for k, v in run.kept.items()}
     return run.cache, run.cache_bytes(), kept
+
+
+def _decode(model, name, ids, steps, window):
+    """Median seconds per decoding step after a prefill of ``ids`` with 25 % of the cache kept (or all of it)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from headmap.presses import compress, make_press
+
+    if name == "full":
+        press = make_press("knorm", ratio=0.0)
+    else:
+        press = make_press(name, ratio=0.75, **({"window": window} if name in ("snapkv", "pyramidkv") else {}))
+    times = []
+    with compress(model, press) as run, torch.no_grad():
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        nbytes = run.cache_bytes() if name != "full" else run.full_bytes
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            start = time.perf_counter()
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            times.append(time.perf_counter() - start)
+            token = out.logits[:, -1:].argmax(-1)
+    times.sort()
+    return {"mode": f"decode:{name}", "seconds": times[len(times) // 2], "peak_bytes": 0, "cache_bytes": nbytes}
 
 
 def _kvpress(model, mode, ids, ratio, window):
@@ -231,6 +259,8 @@ def main() -> int:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the fastest is reported")
+    parser.add_argument("--decode-length", type=int, default=0, help="also time decoding after this many tokens")
+    parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--no-kvpress", action="store_true", help="headmap only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -254,6 +284,12 @@ def main() -> int:
         rows = [measure(sys.executable, mode, folder, args, tmp) for mode in HEADMAP_MODES]
         if not args.no_kvpress:
             rows += [measure(str(KV_PYTHON), mode, folder, args, tmp) for mode in KVPRESS_MODES]
+        decode_rows = []
+        if args.decode_length:
+            dec = argparse.Namespace(**{**vars(args), "length": args.decode_length, "repeat": args.decode_steps})
+            decode_rows = [
+                measure(sys.executable, f"decode:{n}", folder, dec, tmp) for n in ("full", "knorm", "snapkv")
+            ]
         by_mode = {r["mode"]: r for r in rows}
         base = by_mode.get("sdpa", {})
         print(f"T = {args.length}, ratio = {args.ratio}, window = {args.window} (CPU, {os.cpu_count()} cores)")
@@ -272,6 +308,20 @@ def main() -> int:
                 f"{r['peak_bytes'] / 2**20:>10.0f}{r['peak_bytes'] / max(1, ref['peak_bytes']):>8.2f}"
                 f"{r['cache_bytes'] / full:>12.3f}{same:>8}"
             )
+        if decode_rows:
+            full = next((r for r in decode_rows if r["mode"] == "decode:full" and "error" not in r), None)
+            print(
+                f"decoding after {args.decode_length} tokens, 25 % of the cache kept "
+                f"(median of {args.decode_steps} steps)"
+            )
+            for r in decode_rows:
+                if "error" in r or full is None:
+                    print(f"{r['mode']:<14} failed: {r.get('error', ['no full-cache row'])[0]}")
+                    continue
+                print(
+                    f"{r['mode']:<14}{1000 * r['seconds']:>9.1f} ms/token{r['seconds'] / full['seconds']:>8.2f} x full"
+                    f"{r['cache_bytes'] / full['cache_bytes']:>12.3f} of the cache"
+                )
     return 0
 
 
