@@ -6,7 +6,9 @@ from .atlas import Atlas
 from .engine import CONFIG as engine_config
 from .engine import Block, Session, observe, register
 from .errors import HeadmapError
+from .explain import explain
 from .models import load_model
+from .presses import compress
 from .probes import PROBES, Probe, SinkProbe, make_probes
 from .scan import scan
 from .steer import steer
@@ -24,7 +26,9 @@ __all__ = [
     "Session",
     "SinkProbe",
     "__version__",
+    "compress",
     "engine_config",
+    "explain",
     "load_model",
     "make_probes",
     "observe",

@@ -34,6 +34,10 @@ class EditError(HeadmapError):
     """An edit names heads that do not exist or has a bad parameter."""
 
 
+class PressError(HeadmapError):
+    """A press name or parameter is wrong, or a press does not apply to the model."""
+
+
 class OutputError(HeadmapError):
     """The output folder cannot be written without losing something."""
 

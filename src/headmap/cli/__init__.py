@@ -6,7 +6,7 @@ and registers itself on import.
 
 from __future__ import annotations
 
-from . import evaluate, explain, report, scan, steer  # noqa: F401  (register the commands)
+from . import compress, evaluate, explain, report, scan, steer  # noqa: F401  (register the commands)
 from .app import app, main
 
 __all__ = ["app", "main"]
