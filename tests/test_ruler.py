@@ -10,8 +10,9 @@ import pytest
 from conftest import minilm_dir
 from transformers import AutoTokenizer
 
+from headmap import stats
 from headmap.errors import OptionError, TaskError
-from headmap.evaluation import load_task, ruler, stats
+from headmap.evaluation import load_task, ruler
 
 LENGTHS = [384, 512]  # MiniLM's tokenizer says 512 is its model's limit
 

@@ -164,7 +164,7 @@ def sweep(
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from ..evaluation.stats import cluster_accuracy
+    from ..stats import cluster_accuracy
 
     out = []
     keys = sorted({(r["press"], r["ratio"]) for r in rows}, key=lambda k: (k[0] != "full", k[0], k[1]))

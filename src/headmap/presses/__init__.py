@@ -11,12 +11,11 @@ never imported by the engine. See docs/compress.md.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ..specs import parse_options, split_top
 from .adakv import AdaKVPress
-from .base import Compression, LayerView, Press, PressError, ScorerPress, compress
+from .base import Compression, LayerView, Press, PressError, ScorerPress, compress, settable
 from .cache import PressedLayer, RaggedLayer, cache_bytes
 from .h2o import H2OPress
 from .head_aware import HeadAwarePress
@@ -30,11 +29,6 @@ PRESSES: dict[str, type[Press]] = {
     cls.name: cls
     for cls in (StreamingPress, H2OPress, SnapKVPress, PyramidKVPress, KnormPress, AdaKVPress, HeadAwarePress)
 }
-
-
-def settable(cls: type[Press]) -> list[str]:
-    """Parameters of a press class a user may set (its dataclass fields, minus private ones)."""
-    return [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
 
 
 def make_press(name: str, **params: Any) -> Press:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import LayerView, Press, PressError, ScorerPress, drop_padding_first, top_mask
+from .base import LayerView, Press, PressError, ScorerPress, drop_padding_first, scorer_from_spec, top_mask
 
 
 @dataclass
@@ -35,9 +35,7 @@ class AdaKVPress(Press):
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise PressError(f"adakv: alpha must be a number in [0, 1], got {self.alpha!r}")
         if isinstance(self.scorer, str):
-            from . import parse_press
-
-            inner = parse_press(self.scorer, ratio=self.ratio)
+            inner = scorer_from_spec(self.scorer, ratio=self.ratio)
         else:
             inner = self.scorer
         if not isinstance(inner, ScorerPress):

@@ -25,6 +25,7 @@ of tokens seen, not stored). See docs/compress.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from ..engine import observe
 from ..engine.block import Block
 from ..errors import PressError
 from ..models import is_causal_lm, model_shape
+from ..specs import parse_options, split_top
 from .cache import PressedLayer, RaggedLayer, RaggedMask, cache_bytes
 
 
@@ -439,3 +441,32 @@ def _surgery(entry: Any, keep: torch.Tensor, key_valid: torch.Tensor, length: in
     tail_k = keys.new_zeros(batch, kv_heads, 0, keys.shape[-1])
     tail_v = values.new_zeros(batch, kv_heads, 0, values.shape[-1])
     return RaggedLayer(packed_k, packed_v, counts, pads, length, tail_k, tail_v)
+
+
+def settable(cls: type[Press]) -> list[str]:
+    """Parameters of a press class a user may set (its dataclass fields, minus private ones)."""
+    return [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+
+
+def scorer_from_spec(spec: str, ratio: float) -> ScorerPress:
+    """A scoring press from ``NAME[:key=value...]`` (for presses that take another press's scores, e.g. adakv).
+
+    Looks the name up among the subclasses of :class:`ScorerPress`, so that a press module needs no
+    import of the package's table of presses.
+    """
+    parts = [p.strip() for p in split_top(spec.strip(), ":", PressError)]
+    classes: dict[str, type[ScorerPress]] = {}
+    pending = list(ScorerPress.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if getattr(cls, "name", ""):
+            classes.setdefault(cls.name, cls)
+    cls = classes.get(parts[0])
+    if cls is None:
+        raise PressError(
+            f"unknown scoring press {parts[0]!r} in {spec!r}; scoring presses: {', '.join(sorted(classes))}"
+        )
+    params = parse_options("press", cls.name, parts[1:], settable(cls), PressError, f"{cls.name}:window=32")
+    params.setdefault("ratio", ratio)
+    return cls(**params)
