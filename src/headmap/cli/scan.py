@@ -60,6 +60,19 @@ def scan(
         bool, typer.Option(help="refuse corpus lines longer than --max-length instead of truncating them")
     ] = False,
     report: Annotated[bool, typer.Option(help="also write the HTML report, report.html, into --out")] = False,
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            help="spread the layers over devices (accelerate): auto, balanced, sequential, or a JSON file of "
+            "module -> device (cpu, disk, GPU index); --device is then not used"
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option(help="per-device budgets for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+    ] = None,
+    offload_folder: Annotated[
+        Path | None, typer.Option(help="where --device-map puts disk-offloaded weights (default: a temporary folder)")
+    ] = None,
 ) -> None:
     """Measure every head and token of MODEL and write heads.parquet, tokens.parquet and meta.json.
 
@@ -89,6 +102,9 @@ def scan(
                 resume=resume,
                 checkpoint_every_s=checkpoint_every,
                 strict=strict,
+                device_map=device_map,
+                max_memory=max_memory,
+                offload_folder=offload_folder,
             )
     except KeyboardInterrupt as exc:  # typer would swallow it into a bare exit code: say what was kept
         if isinstance(exc, ScanInterrupted):

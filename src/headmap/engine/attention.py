@@ -105,8 +105,10 @@ def _plan_cache(masks: object) -> dict | None:
     return masks.plans
 
 
-def _plan_block(masks, q0: int, q1: int, k_len: int) -> BlockPlan:
+def _plan_block(masks, q0: int, q1: int, k_len: int, device: torch.device | None = None) -> BlockPlan:
     allowed = masks.block(q0, q1, 0, k_len)
+    if device is not None:
+        allowed = allowed.to(device)  # the mask lives where the inputs are; the block where its layer is
     q_pos = torch.arange(q0, q1, device=allowed.device) + masks.q_offset
     row_any = allowed.any(dim=-1)[:, 0]  # [B, bq]
     span = _key_range(allowed)
@@ -118,9 +120,15 @@ def _plan_block(masks, q0: int, q1: int, k_len: int) -> BlockPlan:
         segments=_masked_segments(blk),
         empty_rows=not bool(row_any.all()),
         q_pos=q_pos,
-        query_valid=row_any & masks.query_valid(q_pos),
+        query_valid=row_any & _query_valid(masks, q_pos),
         first_mask=blk,
     )
+
+
+def _query_valid(masks, q_pos: torch.Tensor) -> torch.Tensor:
+    """``masks.query_valid(q_pos)`` on ``q_pos``'s device (the mask may live on another one)."""
+    where = getattr(masks, "device", q_pos.device)
+    return masks.query_valid(q_pos.to(where)).to(q_pos.device)
 
 
 def _mask_source(masks, plan: BlockPlan):
@@ -131,10 +139,12 @@ def _mask_source(masks, plan: BlockPlan):
     q1 = q0 + plan.q_pos.numel()
     k0 = plan.span[0]
 
+    device = plan.q_pos.device
+
     def source(a: int, b: int) -> torch.Tensor:
         if first is not None:
             return first[..., a:b]
-        return masks.block(q0, q1, k0 + a, k0 + b)
+        return masks.block(q0, q1, k0 + a, k0 + b).to(device)
 
     return plan, source
 
@@ -175,6 +185,7 @@ def headmap_attention_forward(
     scaling = head_dim**-0.5 if scaling is None else float(scaling)
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", True))
     masks = as_block_mask(attention_mask, batch, q_len, k_len, causal, query.device)
+    device = query.device  # this layer's device: under a device map, layers sit on different devices
     ctx = context_for(module, heads, kv_heads)
     layer = ctx.layer if ctx is not None else getattr(module, "layer_idx", -1)
     probes = ctx.probes if ctx is not None else ()
@@ -182,9 +193,9 @@ def headmap_attention_forward(
     check_finite = ctx.check_finite if ctx is not None else False
 
     item_start = (
-        masks.item_start()
+        masks.item_start().to(device)
         if hasattr(masks, "item_start")
-        else torch.zeros(batch, dtype=torch.long, device=query.device)
+        else torch.zeros(batch, dtype=torch.long, device=device)
     )
     sink_logits = None
     if s_aux is not None:
@@ -212,18 +223,20 @@ def headmap_attention_forward(
         key_valid = masks.key_valid()
         if key_valid is None:
             key_valid = torch.ones(batch, k_len, dtype=torch.bool, device=query.device)
-        view = QKView(layer, module, query, key, masks.query_valid(q_all), key_valid, q_all, k_all, item_start)
+        key_valid = key_valid.to(device)
+        view = QKView(layer, module, query, key, _query_valid(masks, q_all), key_valid, q_all, k_all, item_start)
         for probe in qk_probes:
             probe.update_qk(view)
 
     outputs = []
     plans = _plan_cache(masks)
     for q0, q1 in _row_blocks(batch, heads, q_len, k_len, causal, masks.q_offset):
-        plan = plans.get((q0, q1, k_len)) if plans is not None else None
+        # one plan per device: the layers of one forward share the mask, maybe not the device
+        plan = plans.get((q0, q1, k_len, device)) if plans is not None else None
         if plan is None:
-            plan = _plan_block(masks, q0, q1, k_len)
+            plan = _plan_block(masks, q0, q1, k_len, device)
             if plans is not None:
-                plans[(q0, q1, k_len)] = plan
+                plans[(q0, q1, k_len, device)] = plan
         if plan.span is None:  # every row fully masked (e.g. left padding): zero output
             outputs.append(query.new_zeros(batch, heads, q1 - q0, value.shape[-1]))
             continue

@@ -58,6 +58,9 @@ def scan(
     resume: bool = False,
     checkpoint_every_s: float = checkpoint.DEFAULT_EVERY_S,
     strict: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Atlas:
     """Measure ``probes`` on ``model`` over ``corpus``; write the run to ``out`` when given.
 
@@ -72,6 +75,9 @@ def scan(
     None lets each probe read its own built-in corpus (the probe's ``needs.default_corpus``, else
     ``text``).
     ``strict``: refuse inputs longer than ``max_length`` instead of truncating them.
+    ``device_map``, ``max_memory``, ``offload_folder``: spread the model's layers over devices, with CPU
+    and disk offload (accelerate's semantics; see :func:`headmap.models.load_model`); the tables equal
+    those of a single-device run.
 
     With ``out``, completed batches are checkpointed into ``out/.headmap-checkpoint`` at most
     every ``checkpoint_every_s`` seconds (0: after every batch) and when the scan is interrupted,
@@ -87,7 +93,16 @@ def scan(
         check_output_folder(out_dir, overwrite, resume=resume)
     # one writer per output folder: its lock is held from the start-up checks to the save
     with rundir.lock(out_dir, command=rundir.command_line()) if out_dir is not None else nullcontext():
-        loaded = check.load(model, tokenizer, dtype, device, progress=None if progress else False)
+        loaded = check.load(
+            model,
+            tokenizer,
+            dtype,
+            device,
+            progress=None if progress else False,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+        )
         chosen = named if named is not None else make_probes(default_probe_names(loaded.is_causal))
         max_length = check.max_length(max_length, loaded)
         check.model_kind(chosen, loaded)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ..errors import OutputError
+from ..models import device_text
 from ..rundir import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -158,7 +159,7 @@ def fingerprint(
             "weights": weights_signature(model),
         },
         "dtype": str(param.dtype).removeprefix("torch."),
-        "device": str(param.device),
+        "device": device_text(model),
         "probes": [
             {"name": p.name, "class": f"{type(p).__module__}.{type(p).__qualname__}", "params": p.params()}
             for p in probes

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..corpus import Batch, Corpus
 from ..engine import observe
-from ..models import LoadedModel, logits_to_keep, pad_id, position_ids
+from ..models import LoadedModel, input_device, logits_to_keep, pad_id, position_ids
 from .capture import Capture
 from .plan import Group, Plan
 
@@ -129,7 +129,7 @@ def _run_group(
 def _batches(loaded: LoadedModel, corpus: Corpus, skip: int, batch_size: int) -> Iterator[Batch]:
     """The batches of ``corpus`` after its first ``skip`` inputs (a multiple of ``batch_size``: the
     batches of an unbroken run), padded with the tokenizer's pad id."""
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)  # a device-mapped model takes its inputs where its first module is
     pad = pad_id(loaded.tokenizer)  # not the config's ids: a tokenizer-less model pads with 0, as ever
     rest = Corpus(corpus.name, corpus.samples[skip:], corpus.description)
     for start, ids, mask in rest.batches(batch_size, pad, left_pad=loaded.is_causal, device=device):
