@@ -112,6 +112,8 @@ def scan(
             raise typer.Exit(128 + exc.signum) from None
         err.print("headmap: interrupted", highlight=False)
         raise typer.Exit(130) from None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) != 0:
+        return  # a data-parallel scan: rank 0 wrote the run folder and says so
     if report:
         from ..report import write_report
 
