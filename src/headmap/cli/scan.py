@@ -32,8 +32,9 @@ def scan(
     corpus: Annotated[
         str | None,
         typer.Option(
-            help="built-in: text, repeats, needle, items (options: needle:depths=0,0.5,1:lengths=256,512), or a "
-            "UTF-8 text file (one input per line) or JSONL with spans; default: each probe's own built-in corpus"
+            help="built-in: text, repeats, needle, items (options: needle:depths=0,0.5,1:lengths=256,512), a "
+            "UTF-8 text file (one input per line), JSONL with spans, a folder of .txt/.jsonl files or a Parquet "
+            "file with a text column (both streamed); default: each probe's own built-in corpus"
         ),
     ] = None,
     max_length: Annotated[
@@ -73,6 +74,10 @@ def scan(
     offload_folder: Annotated[
         Path | None, typer.Option(help="where --device-map puts disk-offloaded weights (default: a temporary folder)")
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="scan shard I of N only (0-based, e.g. 0/4): a contiguous run of whole batches"),
+    ] = None,
 ) -> None:
     """Measure every head and token of MODEL and write heads.parquet, tokens.parquet and meta.json.
 
@@ -105,6 +110,7 @@ def scan(
                 device_map=device_map,
                 max_memory=max_memory,
                 offload_folder=offload_folder,
+                shard=shard,
             )
     except KeyboardInterrupt as exc:  # typer would swallow it into a bare exit code: say what was kept
         if isinstance(exc, ScanInterrupted):

@@ -1,5 +1,6 @@
 """The user's corpus files: UTF-8 text (one input per non-blank line, streamed) and JSONL (one
-object per line with ``"text"`` and optional named ``"spans"``).
+object per line with ``"text"`` and optional named ``"spans"``); folders and Parquet files are
+read by :mod:`headmap.corpus.sources`.
 
 A regular text file is read in one streaming pass that keeps only each line's offset
 (:class:`FileSamples`); its lines are tokenised again when the scan reads them. Anything else (a
@@ -329,7 +330,12 @@ def load_file(
     ``max_length`` (None: not cut yet, the caller cuts them).
 
     A regular text file streams (:class:`FileSamples`); a pipe or other non-regular file is read once.
+    A folder of .txt/.jsonl files or a .parquet file streams too (:mod:`headmap.corpus.sources`).
     """
+    from .sources import is_source, load_records  # sources builds on this module
+
+    if path.exists() and is_source(path):
+        return load_records(path, tokenizer, max_length, limit, strict)
     check_file(path)
     jsonl = path.suffix.lower() == ".jsonl"
     data = None
