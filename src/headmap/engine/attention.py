@@ -26,16 +26,47 @@ from .registry import context_for
 DEFAULT_BUDGET_BYTES = 64 * 2**20
 
 
+#: Share of a GPU's free memory that one block (probabilities and temporaries) may take on a GPU.
+GPU_FREE_FRACTION = 0.25
+
+
 @dataclass
 class EngineConfig:
-    """Process-wide engine settings. ``budget_bytes`` bounds one block of probabilities."""
+    """Process-wide engine settings. ``budget_bytes`` bounds one block of probabilities.
+
+    ``gpu_budget``: on a CUDA device, a scan that kept the default budget sizes blocks from the free
+    device memory instead (:func:`device_budget`); 64 MiB suits CPU caches, not an 80 GiB GPU at 32K tokens.
+    """
 
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     # Bytes of temporaries per probability (logits, exponentials, probabilities, mask).
     temporaries: int = 3
+    gpu_budget: bool = True
 
 
 CONFIG = EngineConfig()
+
+
+def device_budget(device: torch.device | str, heads: int, free_bytes: int | None = None, batch: int = 1) -> int:
+    """The block budget (bytes) a scan uses on ``device``.
+
+    CPU, or a budget the user set: ``CONFIG.budget_bytes``. CUDA with the default budget (or any
+    device when ``free_bytes`` is given, as tests do): :data:`GPU_FREE_FRACTION` of the free memory
+    (``torch.cuda.mem_get_info``), rounded down to a power of two (ranks on like GPUs agree) and at
+    least the default; it is also capped at the bytes of a block of 1024 rows of ``heads`` heads and
+    ``batch`` inputs at 128K keys, beyond which bigger blocks buy no BLAS throughput.
+    """
+    device = torch.device(device)
+    if free_bytes is None:
+        if device.type != "cuda" or not CONFIG.gpu_budget or CONFIG.budget_bytes != DEFAULT_BUDGET_BYTES:
+            return CONFIG.budget_bytes
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    share = int(free_bytes * GPU_FREE_FRACTION)
+    cap = 1024 * batch * max(heads, 1) * 131072 * 4 * CONFIG.temporaries
+    budget = min(share, cap)
+    if budget < DEFAULT_BUDGET_BYTES:
+        return DEFAULT_BUDGET_BYTES
+    return 1 << (budget.bit_length() - 1)
 
 
 def rows_per_block(batch: int, heads: int, keys: int, budget_bytes: int | None = None) -> int:
@@ -229,6 +260,8 @@ def headmap_attention_forward(
             probe.update_qk(view)
 
     outputs = []
+    # the finite check reads the device once per call, after the loop: no host sync between blocks
+    deferred: list[tuple[torch.Tensor, Block]] = []
     plans = _plan_cache(masks)
     for q0, q1 in _row_blocks(batch, heads, q_len, k_len, causal, masks.q_offset):
         # one plan per device: the layers of one forward share the mask, maybe not the device
@@ -278,8 +311,10 @@ def headmap_attention_forward(
                 train_dropout,
             )
             _once[0] = False  # a checkpoint recompute must not count the block twice
-            if check_finite:
+            if check_finite and track_grad:
                 _check_finite(out, _block, edits, ctx.edits)
+            elif check_finite:
+                deferred.append((_finite_rows(out, _block).all(), _block))
             return out
 
         if track_grad:
@@ -287,6 +322,8 @@ def headmap_attention_forward(
         else:
             outputs.append(run(qb, kb, vb, sink_logits))
 
+    if deferred and not bool(torch.stack([ok for ok, _ in deferred]).all()):  # one sync per attention call
+        _first_bad(outputs, deferred, edits, ctx.edits if ctx is not None else ())
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
@@ -300,6 +337,26 @@ def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _finite_rows(out: torch.Tensor, block: Block) -> torch.Tensor:
+    """[B, H, rows] bool: the row's output is finite, or the row is padding."""
+    return torch.isfinite(out).all(dim=-1) | ~block.query_valid[:, None, :]
+
+
+def _first_bad(outputs: list, deferred: list, edits: tuple, all_edits: tuple) -> None:
+    """Raise for the first block (in row order) whose output is not finite."""
+    by_start = {int(o_start): o for o_start, o in _output_starts(outputs)}
+    for ok, blk in deferred:
+        if not bool(ok):
+            _check_finite(by_start[blk.q_start], blk, edits, all_edits)
+
+
+def _output_starts(outputs: list):
+    start = 0
+    for o in outputs:
+        yield start, o
+        start += o.shape[2]
+
+
 def _check_finite(out: torch.Tensor, block: Block, edits: tuple = (), all_edits: tuple = ()) -> None:
     """Raise NumericalError naming the first layer, head and query whose attention output is not finite.
 
@@ -307,7 +364,7 @@ def _check_finite(out: torch.Tensor, block: Block, edits: tuple = (), all_edits:
     edits on, the message names them (those on the head, else every active one): an edit's setting is
     then the likeliest cause.
     """
-    finite = torch.isfinite(out).all(dim=-1) | ~block.query_valid[:, None, :]  # [B, H, rows]
+    finite = _finite_rows(out, block)  # [B, H, rows]
     if bool(finite.all()):
         return
     b, h, r = (int(x) for x in torch.nonzero(~finite)[0])

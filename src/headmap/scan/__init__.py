@@ -28,7 +28,9 @@ from .. import rundir
 from ..atlas import Atlas
 from ..corpus import Corpus
 from ..engine import CONFIG as ENGINE_CONFIG
+from ..engine.attention import device_budget
 from ..errors import OptionError
+from ..models import input_device, model_shape
 from ..probes import Probe, default_probe_names, make_probes
 from ..rundir import check_output_folder
 from . import check, checkpoint
@@ -105,6 +107,7 @@ def scan(
         if part is not None:
             raise OptionError("--shard selects work for one process; under torchrun the ranks share the corpus")
         device = ranks.device(device)
+    budget = ENGINE_CONFIG.budget_bytes
     try:
         return _scan(
             started, named, out_dir, part, ranks, model, tokenizer, corpus, max_length, batch_size, limit, dtype,
@@ -112,6 +115,7 @@ def scan(
             {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder},
         )  # fmt: skip
     finally:
+        ENGINE_CONFIG.budget_bytes = budget
         if ranks is not None:
             ranks.close()
 
@@ -166,7 +170,11 @@ def _scan(
             return plan, length
 
         whole, max_length = together(planned)
-        budget = ENGINE_CONFIG.budget_bytes
+        # the block budget: the CPU default, or on a GPU a share of its free memory (the same on every rank)
+        budget = device_budget(input_device(loaded.model), model_shape(loaded.model).heads, batch=batch_size)
+        if ranks is not None:
+            budget = min(ranks.gather(budget))
+        ENGINE_CONFIG.budget_bytes = budget  # scan() puts the caller's budget back when it returns
         fp = checkpoint.fingerprint(loaded, whole.probes, whole.data, max_length, batch_size, seed, budget)
         if part is not None:  # --shard i/n: a run folder of one shard
             fp["shard"] = {"index": part[0], "count": part[1]}
