@@ -246,8 +246,8 @@ def _scan(
 def gather_ranks(ranks: Ranks, plan: Plan, run: resuming.Run) -> None:
     """Rank 0 receives every rank's probe states, layers and forward time and merges them into its probes."""
     mine = ([p.state_dict() for p in plan.probes], dict(run.layers), run.forward_time)
-    every = ranks.gather(mine)
-    if not ranks.leader:
+    every = ranks.to_leader(mine)
+    if every is None:
         return
     for i, probe in enumerate(plan.probes):
         probe.load_state_dict(merge_states([states[i] for states, _, _ in every]))

@@ -99,6 +99,14 @@ class Ranks:
         dist.all_gather_object(out, value)
         return out
 
+    def to_leader(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` in rank order on rank 0 (None elsewhere): the states travel to rank 0 only."""
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world if self.leader else None
+        dist.gather_object(value, out, dst=0)
+        return out
+
     def together(self, step: Callable[[], T]) -> T:
         """Run ``step`` on this rank; when it raises a HeadmapError on any rank, raise on every rank.
 
