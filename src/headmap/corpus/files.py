@@ -330,12 +330,8 @@ def load_file(
     ``max_length`` (None: not cut yet, the caller cuts them).
 
     A regular text file streams (:class:`FileSamples`); a pipe or other non-regular file is read once.
-    A folder of .txt/.jsonl files or a .parquet file streams too (:mod:`headmap.corpus.sources`).
+    (Folders and .parquet files: :func:`headmap.corpus.sources.load_records`.)
     """
-    from .sources import is_source, load_records  # sources builds on this module
-
-    if path.exists() and is_source(path):
-        return load_records(path, tokenizer, max_length, limit, strict)
     check_file(path)
     jsonl = path.suffix.lower() == ".jsonl"
     data = None
