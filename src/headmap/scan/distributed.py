@@ -173,7 +173,11 @@ def check_rank_folders(out: Path | None, world: int, overwrite: bool, resume: bo
     if out is None:
         return
     found = rank_folders(out)
-    if not found or overwrite:
+    if found and overwrite:  # --overwrite starts over: the old ranks' checkpoints go
+        for folder in found:
+            remove_rank_folder(folder)
+        return
+    if not found:
         return
     other = [p.name for p in found if not p.name.endswith(f"-of-{world}")]
     if other:
