@@ -204,6 +204,193 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+# -- model parallel: accelerate device maps ---------------------------------------------------------
+
+#: device-map names accelerate resolves itself
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _map_device(value: Any, where: str) -> str | int:
+    """One device of a device map, checked: ``cpu``, ``disk``, a GPU index or a device name that exists here."""
+    if value == "disk" or value == "cpu":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise OptionError(f"{where}: device {value!r} is not a device; use cpu, disk, a GPU index or cuda:N")
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    name = f"cuda:{value}" if isinstance(value, int) else value
+    try:
+        parse_device(name)
+    except OptionError as exc:
+        raise OptionError(f"{where}: {exc}") from None
+    return value
+
+
+def parse_max_memory(spec: str | dict[Any, Any] | None) -> dict[Any, int] | None:
+    """``"0=20GiB,1=20GiB,cpu=60GiB,disk=1TB"`` (or a dict, accelerate's ``max_memory``) -> device: bytes."""
+    if spec is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    items: list[tuple[Any, Any]]
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    else:
+        items = []
+        for part in str(spec).split(","):
+            key, eq, size = part.strip().partition("=")
+            if not eq or not key.strip() or not size.strip():
+                raise OptionError(
+                    f"--max-memory: '{part.strip()}' is not DEVICE=SIZE; write e.g. 0=20GiB,cpu=60GiB (GPU index, "
+                    "cpu or disk, then a size in bytes, KB, MB, GB, KiB, MiB or GiB)"
+                )
+            items.append((key.strip(), size.strip()))
+    out: dict[Any, int] = {}
+    for key, size in items:
+        device = _map_device(key, "--max-memory")
+        try:
+            nbytes = convert_file_size_to_int(size) if isinstance(size, str) else int(size)
+        except (ValueError, TypeError):
+            nbytes = -1
+        if nbytes < 0:
+            raise OptionError(f"--max-memory: '{size}' for {key} is not a size; write e.g. 20GiB, 512MB or 1000000")
+        out[device] = nbytes
+    return out
+
+
+@dataclass
+class DevicePlacement:
+    """A checked ``device_map`` / ``max_memory`` / offload folder, turned into ``from_pretrained`` arguments."""
+
+    device_map: str | dict[str, str | int]
+    max_memory: dict[Any, int] | None
+    offload_folder: Path | None
+
+    @classmethod
+    def make(
+        cls, device_map: Any, max_memory: Any = None, offload_folder: str | Path | None = None
+    ) -> DevicePlacement | None:
+        if device_map is None:
+            if max_memory is not None:
+                raise OptionError("--max-memory budgets a device map: add --device-map auto (or balanced, sequential)")
+            return None
+        if isinstance(device_map, (str, Path)) and str(device_map) not in DEVICE_MAP_NAMES:
+            file = Path(device_map).expanduser()
+            if not file.is_file():
+                raise OptionError(
+                    f"--device-map '{device_map}' is neither {', '.join(DEVICE_MAP_NAMES)} nor a JSON file that exists"
+                )
+            device_map = _read_json(file, "the device map")
+            if not isinstance(device_map, dict) or not device_map:
+                raise OptionError(f"the device map {file} must be a JSON object of module name -> device")
+        if isinstance(device_map, dict):
+            device_map = {str(k): _map_device(v, f"device map entry '{k}'") for k, v in device_map.items()}
+        elif str(device_map) not in DEVICE_MAP_NAMES:
+            raise OptionError(f"--device-map must be {', '.join(DEVICE_MAP_NAMES)}, a JSON file or a dict")
+        else:
+            device_map = str(device_map)
+        return cls(device_map, parse_max_memory(max_memory), Path(offload_folder) if offload_folder else None)
+
+    def kwargs(self, model_class: Any, config: Any, dtype: torch.dtype | None) -> dict[str, Any]:
+        """``from_pretrained`` arguments; checks the map's module names and the budgets on an empty model."""
+        from accelerate import init_empty_weights
+        from accelerate.utils import compute_module_sizes
+
+        with init_empty_weights():
+            empty = model_class.from_config(config)
+        if dtype is not None:
+            empty.to(dtype)
+        if isinstance(self.device_map, dict):
+            names = {name for name, _ in empty.named_modules()}
+            unknown = [k for k in self.device_map if k not in names]
+            if unknown:
+                layers = layer_list(empty)
+                hint = ""
+                if layers is not None:
+                    prefix = next((n for n, m in empty.named_modules() if m is layers), "")
+                    hint = f" (its layers are {prefix}.0 to {prefix}.{len(layers) - 1})"
+                raise OptionError(
+                    f"the device map names module '{unknown[0]}', which the model ({type(empty).__name__}) lacks"
+                    f"{hint}; use module names from model.named_modules()"
+                )
+            placed = [k for k in self.device_map]
+            missing = [
+                n
+                for n, _ in empty.named_parameters()
+                if not any(n == k or n.startswith(k + ".") or k == "" for k in placed)
+            ]
+            if missing:
+                raise OptionError(
+                    f"the device map places no device for '{missing[0]}' ({len(missing)} parameters left out); "
+                    "map every module, e.g. add its parent"
+                )
+        if self.max_memory is not None:
+            sizes = compute_module_sizes(empty, dtype=dtype)
+            layers = layer_list(empty)
+            prefix = next((n for n, m in empty.named_modules() if m is layers), None) if layers is not None else None
+            if prefix is not None:
+                biggest = max(sizes.get(f"{prefix}.{i}", 0) for i in range(len(layers)))
+                room = max((v for k, v in self.max_memory.items() if k != "disk"), default=0)
+                if room < biggest and "disk" not in self.max_memory:
+                    raise OptionError(
+                        f"--max-memory gives at most {_size_text(room)} to a device and one layer of the model "
+                        f"takes {_size_text(biggest)}; give a device at least {_size_text(biggest)} (or add disk=SIZE)"
+                    )
+        out: dict[str, Any] = {"device_map": self.device_map}
+        if self.max_memory is not None:
+            out["max_memory"] = dict(self.max_memory)
+        out["offload_folder"] = str(self._offload_dir())
+        return out
+
+    def _offload_dir(self) -> Path:
+        if self.offload_folder is not None:
+            self.offload_folder.mkdir(parents=True, exist_ok=True)
+            return self.offload_folder
+        import atexit
+
+        folder = Path(tempfile.mkdtemp(prefix="headmap-offload-"))
+        atexit.register(shutil.rmtree, folder, True)
+        self.offload_folder = folder
+        return folder
+
+
+def _size_text(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GiB"
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a batch's input ids go: the device of the first placed module of a device-mapped model
+    (CPU for ``cpu`` and ``disk``), else the device of the model's first parameter."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        if isinstance(first, int) or (isinstance(first, str) and first.isdigit()):
+            return torch.device(f"cuda:{int(first)}")
+        return torch.device("cpu" if first in ("cpu", "disk") else first)
+    return next(model.parameters()).device
+
+
+def device_text(model: Any) -> str:
+    """The model's device for meta.json and the fingerprint: ``cpu``, ``cuda:0``, or a device map's
+    summary (``map:cpu=3,disk=2``: how many placed modules each device holds)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if (
+        device_map
+        and len({str(v) for v in device_map.values()}) > 1
+        or (device_map and any(v == "disk" for v in device_map.values()))
+    ):
+        counts: dict[str, int] = {}
+        for v in device_map.values():
+            key = f"cuda:{v}" if isinstance(v, int) else str(v)
+            counts[key] = counts.get(key, 0) + 1
+        return "map:" + ",".join(f"{k}={n}" for k, n in counts.items())
+    return str(input_device(model))
+
+
 def _model_class(config: Any):
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -267,7 +454,7 @@ def _check_tokenizer_files(folder: Path) -> None:
             _read_json(folder / name, f"the model's own {name}")
 
 
-def _load_folder(path: Path, dtype: torch.dtype | None, **kw: Any):
+def _load_folder(path: Path, dtype: torch.dtype | None, placement: DevicePlacement | None = None, **kw: Any):
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoTokenizer
 
@@ -282,8 +469,9 @@ def _load_folder(path: Path, dtype: torch.dtype | None, **kw: Any):
     except (OSError, TypeError, KeyError) as exc:
         raise ModelError(f"cannot read the config of {path}: {_why(exc)}") from exc
     cls = _model_class(config)
+    placed = placement.kwargs(cls, config, dtype) if placement is not None else {}
     try:
-        model = cls.from_pretrained(path, dtype=dtype or "auto", **kw)
+        model = cls.from_pretrained(path, dtype=dtype or "auto", **kw, **placed)
     except (ValueError, OSError) as exc:
         raise ModelError(f"cannot load a model from {path}: {_why(exc)}") from exc
     except SafetensorError as exc:
@@ -464,20 +652,37 @@ def load_model(
     device: str | torch.device | None = "cpu",
     revision: str | None = None,
     progress: bool | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load ``spec``: a built-in name, a local folder, a local ``.gguf`` file, or a hub id.
 
     ``progress``: show the GGUF dequantization bar (None: as :func:`progress_bars` says, else when
     stderr is a terminal). Raises :class:`ModelError` with what to do when the model cannot be found
     or loaded.
+
+    ``device_map`` (accelerate's semantics): ``auto``, ``balanced``, ``balanced_low_0``, ``sequential``,
+    a JSON file or a dict of module name -> device (``cpu``, ``disk``, a GPU index, ``cuda:N``);
+    layers are spread over the devices, with CPU and disk offload through accelerate's hooks, and
+    ``device`` is then not used. ``max_memory``: per-device budgets (``"0=20GiB,cpu=60GiB"`` or a
+    dict, as accelerate takes it). ``offload_folder``: where disk-offloaded weights go (default: a
+    temporary folder removed at exit). Bad maps and budgets raise :class:`OptionError` before loading.
     """
     torch_dtype = parse_dtype(dtype)
-    dev = parse_device(device)
+    placement = DevicePlacement.make(device_map, max_memory, offload_folder)
+    dev = parse_device(device) if placement is None else None
     spec = spec or DEFAULT_MODEL
     path = Path(spec).expanduser()
+    if placement is not None and spec not in BUILTIN_MODELS and path.suffix == ".gguf":
+        raise OptionError(
+            f"--device-map cannot place a .gguf file ({path.name}); convert it to a model folder "
+            "(save_pretrained) or leave out --device-map"
+        )
+    kw = {} if placement is None else {"placement": placement}
     if spec in BUILTIN_MODELS:
         folder = _smollm2_folder(progress) if spec == "smollm2" else package_path(spec) / BUILTIN_MODELS[spec]["file"]
-        model, tok = _load_folder(folder, torch_dtype)
+        model, tok = _load_folder(folder, torch_dtype, **kw)
         loaded = LoadedModel(model, tok, BUILTIN_MODELS[spec]["id"], "builtin", str(folder))
     elif path.suffix == ".gguf":
         if not path.is_file():
@@ -499,19 +704,22 @@ def load_model(
                 f"folder {path} has no config.json; pass a Hugging Face model folder "
                 "(config.json, weights, tokenizer files) or a .gguf file"
             )
-        model, tok = _load_folder(path, torch_dtype)
+        model, tok = _load_folder(path, torch_dtype, **kw)
         loaded = LoadedModel(model, tok, str(path.resolve()), "folder", str(path.resolve()))
     elif spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
         raise ModelError(f"no such model folder or file: {spec}")
     else:
-        loaded = _load_hub(spec, torch_dtype, revision)
-    loaded.model.to(dev)
+        loaded = _load_hub(spec, torch_dtype, revision, placement)
+    if dev is not None:
+        loaded.model.to(dev)
     loaded.model.eval()
     loaded.revision = revision or loaded.revision
     return loaded
 
 
-def _load_hub(spec: str, dtype: torch.dtype | None, revision: str | None) -> LoadedModel:
+def _load_hub(
+    spec: str, dtype: torch.dtype | None, revision: str | None, placement: DevicePlacement | None = None
+) -> LoadedModel:
     """A hub id: from the local Hugging Face cache, else the hub (unless offline)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -523,9 +731,14 @@ def _load_hub(spec: str, dtype: torch.dtype | None, revision: str | None) -> Loa
         try:
             config = AutoConfig.from_pretrained(spec, revision=revision, local_files_only=local_only)
             cls = _model_class(config)
-            model = cls.from_pretrained(spec, revision=revision, dtype=dtype or "auto", local_files_only=local_only)
+            placed = placement.kwargs(cls, config, dtype) if placement is not None else {}
+            model = cls.from_pretrained(
+                spec, revision=revision, dtype=dtype or "auto", local_files_only=local_only, **placed
+            )
             tok = AutoTokenizer.from_pretrained(spec, revision=revision, local_files_only=local_only)
             return LoadedModel(model, tok, spec, "hub", None, revision)
+        except OptionError:
+            raise
         except ValueError as exc:
             if "does not recognize this architecture" in str(exc) or "model_type" in str(exc):
                 raise ModelError(

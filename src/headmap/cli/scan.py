@@ -32,8 +32,9 @@ def scan(
     corpus: Annotated[
         str | None,
         typer.Option(
-            help="built-in: text, repeats, needle, items (options: needle:depths=0,0.5,1:lengths=256,512), or a "
-            "UTF-8 text file (one input per line) or JSONL with spans; default: each probe's own built-in corpus"
+            help="built-in: text, repeats, needle, items (options: needle:depths=0,0.5,1:lengths=256,512), a "
+            "UTF-8 text file (one input per line), JSONL with spans, a folder of .txt/.jsonl files or a Parquet "
+            "file with a text column (both streamed); default: each probe's own built-in corpus"
         ),
     ] = None,
     max_length: Annotated[
@@ -60,6 +61,23 @@ def scan(
         bool, typer.Option(help="refuse corpus lines longer than --max-length instead of truncating them")
     ] = False,
     report: Annotated[bool, typer.Option(help="also write the HTML report, report.html, into --out")] = False,
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            help="spread the layers over devices (accelerate): auto, balanced, sequential, or a JSON file of "
+            "module -> device (cpu, disk, GPU index); --device is then not used"
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option(help="per-device budgets for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+    ] = None,
+    offload_folder: Annotated[
+        Path | None, typer.Option(help="where --device-map puts disk-offloaded weights (default: a temporary folder)")
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="scan shard I of N only (0-based, e.g. 0/4): a contiguous run of whole batches"),
+    ] = None,
 ) -> None:
     """Measure every head and token of MODEL and write heads.parquet, tokens.parquet and meta.json.
 
@@ -89,6 +107,10 @@ def scan(
                 resume=resume,
                 checkpoint_every_s=checkpoint_every,
                 strict=strict,
+                device_map=device_map,
+                max_memory=max_memory,
+                offload_folder=offload_folder,
+                shard=shard,
             )
     except KeyboardInterrupt as exc:  # typer would swallow it into a bare exit code: say what was kept
         if isinstance(exc, ScanInterrupted):
@@ -96,6 +118,8 @@ def scan(
             raise typer.Exit(128 + exc.signum) from None
         err.print("headmap: interrupted", highlight=False)
         raise typer.Exit(130) from None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) != 0:
+        return  # a data-parallel scan: rank 0 wrote the run folder and says so
     if report:
         from ..report import write_report
 

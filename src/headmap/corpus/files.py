@@ -1,5 +1,6 @@
 """The user's corpus files: UTF-8 text (one input per non-blank line, streamed) and JSONL (one
-object per line with ``"text"`` and optional named ``"spans"``).
+object per line with ``"text"`` and optional named ``"spans"``); folders and Parquet files are
+read by :mod:`headmap.corpus.sources`.
 
 A regular text file is read in one streaming pass that keeps only each line's offset
 (:class:`FileSamples`); its lines are tokenised again when the scan reads them. Anything else (a
@@ -329,6 +330,7 @@ def load_file(
     ``max_length`` (None: not cut yet, the caller cuts them).
 
     A regular text file streams (:class:`FileSamples`); a pipe or other non-regular file is read once.
+    (Folders and .parquet files: :func:`headmap.corpus.sources.load_records`.)
     """
     check_file(path)
     jsonl = path.suffix.lower() == ".jsonl"

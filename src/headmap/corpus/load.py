@@ -9,6 +9,7 @@ from typing import Any
 from ..errors import CorpusError
 from .files import FileSamples, is_regular, load_file
 from .registry import ALL_CORPORA
+from .sources import is_source, load_records
 from .spec import parse_spec
 from .types import Corpus, Sample
 
@@ -65,7 +66,8 @@ def load_corpus(
         path = Path(spec).expanduser()
         if not path.exists() and "/" not in spec and "." not in spec:
             raise CorpusError(f"no corpus file or built-in corpus named '{spec}'; built-ins: {', '.join(ALL_CORPORA)}")
-        samples, fmt, truncated = load_file(path, tokenizer, max_length, limit, strict)
+        read = load_records if path.exists() and is_source(path) else load_file  # a folder or Parquet streams
+        samples, fmt, truncated = read(path, tokenizer, max_length, limit, strict)
         where = str(path.resolve()) if is_regular(path) else str(path)  # a pipe's resolved name is no path
         desc = {"name": path.name, "kind": "file", "path": where, "format": fmt, "strict": strict}
     if isinstance(samples, FileSamples):  # streamed: checked, cut and counted in one pass already

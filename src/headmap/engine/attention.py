@@ -27,16 +27,47 @@ from .towers import tower_of
 DEFAULT_BUDGET_BYTES = 64 * 2**20
 
 
+#: Share of a GPU's free memory that one block (probabilities and temporaries) may take on a GPU.
+GPU_FREE_FRACTION = 0.25
+
+
 @dataclass
 class EngineConfig:
-    """Process-wide engine settings. ``budget_bytes`` bounds one block of probabilities."""
+    """Process-wide engine settings. ``budget_bytes`` bounds one block of probabilities.
+
+    ``gpu_budget``: on a CUDA device, a scan that kept the default budget sizes blocks from the free
+    device memory instead (:func:`device_budget`); 64 MiB suits CPU caches, not an 80 GiB GPU at 32K tokens.
+    """
 
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     # Bytes of temporaries per probability (logits, exponentials, probabilities, mask).
     temporaries: int = 3
+    gpu_budget: bool = True
 
 
 CONFIG = EngineConfig()
+
+
+def device_budget(device: torch.device | str, heads: int, free_bytes: int | None = None, batch: int = 1) -> int:
+    """The block budget (bytes) a scan uses on ``device``.
+
+    CPU, or a budget the user set: ``CONFIG.budget_bytes``. CUDA with the default budget (or any
+    device when ``free_bytes`` is given, as tests do): :data:`GPU_FREE_FRACTION` of the free memory
+    (``torch.cuda.mem_get_info``), rounded down to a power of two (ranks on like GPUs agree) and at
+    least the default; it is also capped at the bytes of a block of 1024 rows of ``heads`` heads and
+    ``batch`` inputs at 128K keys, beyond which bigger blocks buy no BLAS throughput.
+    """
+    device = torch.device(device)
+    if free_bytes is None:
+        if device.type != "cuda" or not CONFIG.gpu_budget or CONFIG.budget_bytes != DEFAULT_BUDGET_BYTES:
+            return CONFIG.budget_bytes
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    share = int(free_bytes * GPU_FREE_FRACTION)
+    cap = 1024 * batch * max(heads, 1) * 131072 * 4 * CONFIG.temporaries
+    budget = min(share, cap)
+    if budget < DEFAULT_BUDGET_BYTES:
+        return DEFAULT_BUDGET_BYTES
+    return 1 << (budget.bit_length() - 1)
 
 
 def rows_per_block(batch: int, heads: int, keys: int, budget_bytes: int | None = None) -> int:
@@ -106,10 +137,14 @@ def _plan_cache(masks: object) -> dict | None:
     return masks.plans
 
 
-def _plan_block(masks, q0: int, q1: int, k_len: int, cross: bool = False) -> BlockPlan:
+def _plan_block(
+    masks, q0: int, q1: int, k_len: int, cross: bool = False, device: torch.device | None = None
+) -> BlockPlan:
     """``cross``: the keys come from another sequence, whose padding says nothing about the query rows;
-    a row then counts as real when it sees some key."""
+    a row then counts as real when it sees some key. ``device``: where the block's layer runs."""
     allowed = masks.block(q0, q1, 0, k_len)
+    if device is not None:
+        allowed = allowed.to(device)  # the mask lives where the inputs are; the block where its layer is
     q_pos = torch.arange(q0, q1, device=allowed.device) + masks.q_offset
     row_any = allowed.any(dim=-1)[:, 0]  # [B, bq]
     span = _key_range(allowed)
@@ -121,9 +156,15 @@ def _plan_block(masks, q0: int, q1: int, k_len: int, cross: bool = False) -> Blo
         segments=_masked_segments(blk),
         empty_rows=not bool(row_any.all()),
         q_pos=q_pos,
-        query_valid=row_any if cross else row_any & masks.query_valid(q_pos),
+        query_valid=row_any if cross else row_any & _query_valid(masks, q_pos),
         first_mask=blk,
     )
+
+
+def _query_valid(masks, q_pos: torch.Tensor) -> torch.Tensor:
+    """``masks.query_valid(q_pos)`` on ``q_pos``'s device (the mask may live on another one)."""
+    where = getattr(masks, "device", q_pos.device)
+    return masks.query_valid(q_pos.to(where)).to(q_pos.device)
 
 
 def _mask_source(masks, plan: BlockPlan):
@@ -134,10 +175,12 @@ def _mask_source(masks, plan: BlockPlan):
     q1 = q0 + plan.q_pos.numel()
     k0 = plan.span[0]
 
+    device = plan.q_pos.device
+
     def source(a: int, b: int) -> torch.Tensor:
         if first is not None:
             return first[..., a:b]
-        return masks.block(q0, q1, k0 + a, k0 + b)
+        return masks.block(q0, q1, k0 + a, k0 + b).to(device)
 
     return plan, source
 
@@ -179,6 +222,7 @@ def headmap_attention_forward(
     scaling = head_dim**-0.5 if scaling is None else float(scaling)
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", True))
     masks = as_block_mask(attention_mask, batch, q_len, k_len, causal, query.device)
+    device = query.device  # this layer's device: under a device map, layers sit on different devices
     ctx = context_for(module, heads, kv_heads)
     layer = ctx.layer if ctx is not None else getattr(module, "layer_idx", -1)
     probes = ctx.probes if ctx is not None else ()
@@ -188,9 +232,9 @@ def headmap_attention_forward(
     tower, is_cross = tower_of(module, owner)
 
     item_start = (
-        masks.item_start()
+        masks.item_start().to(device)
         if hasattr(masks, "item_start")
-        else torch.zeros(batch, dtype=torch.long, device=query.device)
+        else torch.zeros(batch, dtype=torch.long, device=device)
     )
     bias = kwargs.get("position_bias")
     if isinstance(bias, torch.Tensor):
@@ -224,12 +268,13 @@ def headmap_attention_forward(
         key_valid = masks.key_valid()
         if key_valid is None:
             key_valid = torch.ones(batch, k_len, dtype=torch.bool, device=query.device)
+        key_valid = key_valid.to(device)
         view = QKView(
             layer,
             module,
             query,
             key,
-            masks.query_valid(q_all),
+            _query_valid(masks, q_all),
             key_valid,
             q_all,
             k_all,
@@ -244,13 +289,16 @@ def headmap_attention_forward(
             probe.update_qk(view)
 
     outputs = []
+    # the finite check reads the device once per call, after the loop: no host sync between blocks
+    deferred: list[tuple[torch.Tensor, Block]] = []
     plans = _plan_cache(masks)
     for q0, q1 in _row_blocks(batch, heads, q_len, k_len, causal, masks.q_offset):
-        plan = plans.get((q0, q1, k_len)) if plans is not None else None
+        # one plan per device: the layers of one forward share the mask, maybe not the device
+        plan = plans.get((q0, q1, k_len, device, is_cross)) if plans is not None else None
         if plan is None:
-            plan = _plan_block(masks, q0, q1, k_len, is_cross)
+            plan = _plan_block(masks, q0, q1, k_len, is_cross, device)
             if plans is not None:
-                plans[(q0, q1, k_len)] = plan
+                plans[(q0, q1, k_len, device, is_cross)] = plan
         if plan.span is None:  # every row fully masked (e.g. left padding): zero output
             outputs.append(query.new_zeros(batch, heads, q1 - q0, value.shape[-1]))
             continue
@@ -297,8 +345,10 @@ def headmap_attention_forward(
                 _bias,
             )
             _once[0] = False  # a checkpoint recompute must not count the block twice
-            if check_finite:
+            if check_finite and track_grad:
                 _check_finite(out, _block, edits, ctx.edits)
+            elif check_finite:
+                deferred.append((_finite_rows(out, _block).all(), _block))
             return out
 
         if track_grad:
@@ -306,6 +356,8 @@ def headmap_attention_forward(
         else:
             outputs.append(run(qb, kb, vb, sink_logits))
 
+    if deferred and not bool(torch.stack([ok for ok, _ in deferred]).all()):  # one sync per attention call
+        _first_bad(outputs, deferred, edits, ctx.edits if ctx is not None else ())
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     out = out.transpose(1, 2).contiguous()
     if qk_probes:
@@ -322,6 +374,26 @@ def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _finite_rows(out: torch.Tensor, block: Block) -> torch.Tensor:
+    """[B, H, rows] bool: the row's output is finite, or the row is padding."""
+    return torch.isfinite(out).all(dim=-1) | ~block.query_valid[:, None, :]
+
+
+def _first_bad(outputs: list, deferred: list, edits: tuple, all_edits: tuple) -> None:
+    """Raise for the first block (in row order) whose output is not finite."""
+    by_start = {int(o_start): o for o_start, o in _output_starts(outputs)}
+    for ok, blk in deferred:
+        if not bool(ok):
+            _check_finite(by_start[blk.q_start], blk, edits, all_edits)
+
+
+def _output_starts(outputs: list):
+    start = 0
+    for o in outputs:
+        yield start, o
+        start += o.shape[2]
+
+
 def _check_finite(out: torch.Tensor, block: Block, edits: tuple = (), all_edits: tuple = ()) -> None:
     """Raise NumericalError naming the first layer, head and query whose attention output is not finite.
 
@@ -329,7 +401,7 @@ def _check_finite(out: torch.Tensor, block: Block, edits: tuple = (), all_edits:
     edits on, the message names them (those on the head, else every active one): an edit's setting is
     then the likeliest cause.
     """
-    finite = torch.isfinite(out).all(dim=-1) | ~block.query_valid[:, None, :]  # [B, H, rows]
+    finite = _finite_rows(out, block)  # [B, H, rows]
     if bool(finite.all()):
         return
     b, h, r = (int(x) for x in torch.nonzero(~finite)[0])

@@ -44,14 +44,42 @@ def options(batch_size: int, checkpoint_every_s: float, out: str | Path | None, 
     return out_dir
 
 
-def load(model: Any, tokenizer: Any, dtype: str, device: str, progress: bool | None = None) -> LoadedModel:
+def shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``--shard i/n`` (0-based: 0/4 to 3/4) as (i, n); OptionError when malformed or out of range."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        index, slash, count = spec.strip().partition("/")
+        try:
+            if not slash:
+                raise ValueError
+            spec = (int(index), int(count))
+        except ValueError:
+            raise OptionError(f"--shard must be I/N, shard I (from 0) of N, e.g. 0/4 (got '{spec}')") from None
+    index, count = spec
+    if count < 1 or not 0 <= index < count:
+        raise OptionError(f"--shard {index}/{count} is out of range: with N = {count} shards, I is 0 to {count - 1}")
+    return int(index), int(count)
+
+
+def load(
+    model: Any, tokenizer: Any, dtype: str, device: str, progress: bool | None = None, **placement: Any
+) -> LoadedModel:
     """The model (a name, a folder, a file or a model object), refused when the engine cannot run it.
 
-    ``progress``: whether loading may show a progress bar (a GGUF's dequantization).
+    ``progress``: whether loading may show a progress bar (a GGUF's dequantization). ``placement``:
+    ``device_map``, ``max_memory``, ``offload_folder`` (model parallel; see :func:`headmap.models.load_model`).
     """
     if model is None or isinstance(model, (str, Path)):
-        loaded = load_model(str(model) if model is not None else None, dtype=dtype, device=device, progress=progress)
+        loaded = load_model(
+            str(model) if model is not None else None, dtype=dtype, device=device, progress=progress, **placement
+        )
     else:
+        if any(v is not None for v in placement.values()):
+            raise OptionError(
+                "device_map/max_memory place a model headmap loads; for a model object, load it with "
+                "from_pretrained(device_map=...) yourself and pass it"
+            )
         loaded = wrap_model(model, tokenizer)
     check_supported(loaded.model)
     return loaded

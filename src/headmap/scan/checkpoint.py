@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ..errors import OutputError
+from ..models import device_text
 from ..rundir import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -158,7 +159,7 @@ def fingerprint(
             "weights": weights_signature(model),
         },
         "dtype": str(param.dtype).removeprefix("torch."),
-        "device": str(param.device),
+        "device": device_text(model),
         "probes": [
             {"name": p.name, "class": f"{type(p).__module__}.{type(p).__qualname__}", "params": p.params()}
             for p in probes
@@ -200,6 +201,10 @@ def _corpus_text(c: dict[str, Any]) -> str:
     return f"'{c.get('name')}' ({c.get('inputs')} inputs, {c.get('tokens')} tokens, sha256 {_short(c.get('sha256'))})"
 
 
+def _shard_text(shard: Any) -> str:
+    return f"{shard.get('index')}/{shard.get('count')}" if isinstance(shard, dict) else "the whole corpus"
+
+
 def differences(old: dict[str, Any] | None, new: dict[str, Any], theirs: str = "checkpoint") -> list[str]:
     """What differs between the fingerprint ``old`` of ``theirs`` and this run's ``new``, one phrase each."""
     old = old if isinstance(old, dict) else {}
@@ -223,6 +228,8 @@ def differences(old: dict[str, Any] | None, new: dict[str, Any], theirs: str = "
     for key, value in new["options"].items():
         if oo.get(key) != value:
             differ(f"--{key.replace('_', '-')}", oo.get(key), value)
+    if old.get("shard") != new.get("shard"):
+        differ("shard (--shard or torchrun rank/world)", _shard_text(old.get("shard")), _shard_text(new.get("shard")))
     ob = (old.get("engine") or {}).get("budget_bytes")
     if ob != new["engine"]["budget_bytes"]:
         differ("engine block budget (bytes)", ob, new["engine"]["budget_bytes"])

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..corpus import Batch, Corpus
 from ..engine import observe
-from ..models import LoadedModel, logits_to_keep, pad_id, position_ids
+from ..models import LoadedModel, input_device, logits_to_keep, pad_id, position_ids
 from .capture import Capture
 from .plan import Group, Plan
 
@@ -120,22 +120,23 @@ def _run_group(
     """The group's batches after its first ``done`` inputs, in one engine session."""
     with observe(loaded.model, probes=group.probes, check_finite=True) as session:
         session.layers = run.layers  # record_layer fills the dict that checkpoints save
-        for batch in _batches(loaded, group.corpus, max(0, done), batch_size):
+        for batch in _batches(loaded, group.corpus, max(0, done), batch_size, group.offset):
             _one_batch(forward, group, batch, session, run, plan)
             advance(len(batch.samples))
             run.save_if_due()
 
 
-def _batches(loaded: LoadedModel, corpus: Corpus, skip: int, batch_size: int) -> Iterator[Batch]:
+def _batches(loaded: LoadedModel, corpus: Corpus, skip: int, batch_size: int, offset: int = 0) -> Iterator[Batch]:
     """The batches of ``corpus`` after its first ``skip`` inputs (a multiple of ``batch_size``: the
-    batches of an unbroken run), padded with the tokenizer's pad id."""
-    device = next(loaded.model.parameters()).device
+    batches of an unbroken run), padded with the tokenizer's pad id. ``offset``: the corpus index of
+    its first input (a shard's slice), so that inputs keep their index in the whole corpus."""
+    device = input_device(loaded.model)  # a device-mapped model takes its inputs where its first module is
     pad = pad_id(loaded.tokenizer)  # not the config's ids: a tokenizer-less model pads with 0, as ever
     rest = Corpus(corpus.name, corpus.samples[skip:], corpus.description)
     for start, ids, mask in rest.batches(batch_size, pad, left_pad=loaded.is_causal, device=device):
         start += skip
         samples = list(corpus.samples[start : start + ids.shape[0]])
-        yield Batch(corpus.name, start, samples, ids, mask, loaded.is_causal)
+        yield Batch(corpus.name, start + offset, samples, ids, mask, loaded.is_causal)
 
 
 def _one_batch(forward: Forward, group: Group, batch: Batch, session: Any, run: Run, plan: Plan) -> None:

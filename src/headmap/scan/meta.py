@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..models import LoadedModel
+from ..models import LoadedModel, device_text, input_device
 from .plan import Plan
 from .resume import Run
 
@@ -54,7 +54,7 @@ def describe(loaded: LoadedModel, plan: Plan, run: Run, options: dict[str, Any])
             "max_positions": loaded.max_length,
         },
         "dtype": str(first.dtype).removeprefix("torch."),
-        "device": str(first.device),
+        "device": device_text(model),
         "corpus": plan.data.description,
         "probes": {p.name: p.params() for p in plan.probes},
         "probe_corpora": {p.name: g.corpus.name for g in plan.groups for p in g.probes},
@@ -63,7 +63,7 @@ def describe(loaded: LoadedModel, plan: Plan, run: Run, options: dict[str, Any])
         "versions": versions(),
         "wall_time_s": run.wall_time(),
         "forward_time_s": round(run.forward_time, 3),
-        "memory": peak_memory(first.device),
+        "memory": peak_memory(input_device(model)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "resumed_from": run.resumed_from,
         "fingerprint": run.fingerprint,

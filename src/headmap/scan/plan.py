@@ -23,6 +23,7 @@ class Group:
 
     corpus: Corpus
     probes: list[Probe]
+    offset: int = 0  # index of the corpus's first input in the whole corpus (a shard's slice starts later)
 
     @property
     def drives_model(self) -> bool:
@@ -72,6 +73,10 @@ def make_plan(probes: list[Probe], explicit: bool, corpus: Any, make: Callable[[
     for group in groups:
         for probe in group.probes:
             probe.prepare(group.corpus)
+    return _layout(groups, skipped, batch_size)
+
+
+def _layout(groups: list[Group], skipped: dict[str, str], batch_size: int) -> Plan:
     data = combined(groups)
     starts, boundaries, offset = [], {0}, 0
     for g in groups:
@@ -79,6 +84,29 @@ def make_plan(probes: list[Probe], explicit: bool, corpus: Any, make: Callable[[
         boundaries.update(offset + min(k + batch_size, len(g.corpus)) for k in range(0, len(g.corpus), batch_size))
         offset += len(g.corpus)
     return Plan(groups, skipped, data, starts, boundaries)
+
+
+def shard(plan: Plan, index: int, count: int, batch_size: int) -> Plan:
+    """Shard ``index`` of ``count`` (0-based) of ``plan``: in every group, a contiguous run of whole batches.
+
+    The batches are those of the unsharded scan (same inputs, same padding), so every input's
+    numbers are those of a single-process scan; the shards of all ``count`` indices cover each
+    batch once. Inputs keep their index in the whole corpus (``Group.offset``). A shard may be empty
+    (more shards than batches).
+    """
+    groups = []
+    for g in plan.groups:
+        batches = -(-len(g.corpus) // batch_size)
+        lo, hi = batches * index // count, batches * (index + 1) // count
+        a, b = lo * batch_size, min(hi * batch_size, len(g.corpus))
+        part = Corpus(g.corpus.name, Slice(g.corpus.samples, a, b), g.corpus.description)
+        groups.append(Group(part, g.probes, g.offset + a))
+    return _layout(groups, plan.skipped, batch_size)
+
+
+def batches_of(plan: Plan, batch_size: int) -> int:
+    """How many batches the plan's groups make."""
+    return sum(-(-len(g.corpus) // batch_size) for g in plan.groups)
 
 
 def plan_groups(
@@ -131,6 +159,35 @@ def _split(data: Corpus, probes: list[Probe]) -> list[Group]:
     """One group for the probes that share forward passes, then one per probe that drives the model."""
     plain = [p for p in probes if not p.needs.drives_model]
     return ([Group(data, plain)] if plain else []) + [Group(data, [p]) for p in probes if p.needs.drives_model]
+
+
+class Slice(Sequence):
+    """Inputs ``[start, stop)`` of a sequence of inputs, without copying (a streamed file stays streamed)."""
+
+    def __init__(self, base: Sequence, start: int, stop: int) -> None:
+        self.base, self.start, self.stop = base, start, max(start, stop)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(lo, hi, step)]
+            return Slice(self.base, self.start + lo, self.start + max(lo, hi))
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.base[self.start + index]
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.start == 0 and self.stop >= len(self.base):
+            yield from self.base  # a streamed file reads in one pass
+            return
+        for i in range(self.start, self.stop):
+            yield self.base[i]
 
 
 class Chain(Sequence):
