@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from . import explain  # the package is callable: headmap.explain(model, tokenizer, texts, ...)
 from .atlas import Atlas
 from .engine import CONFIG as engine_config
 from .engine import Block, Session, observe, register
 from .errors import HeadmapError
-from .explain import explain
 from .models import load_model
 from .presses import compress
 from .probes import PROBES, Probe, SinkProbe, make_probes

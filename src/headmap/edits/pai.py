@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import Block, registry
+from ..engine import Block, active_sessions
 from ..errors import EditError
 from .base import Edit, check_number
 
@@ -92,7 +92,7 @@ class Pai(Edit):
         self._ids = input_ids
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not any(self in s.edits for s in registry.active()):  # the session that bound us has ended
+        if not any(self in s.edits for s in active_sessions()):  # the session that bound us has ended
             self._hook.remove()
             self._hook = None
             return

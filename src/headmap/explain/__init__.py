@@ -2,7 +2,14 @@
 
 Layer: beside ``probes`` and ``edits`` (may import ``engine``, ``corpus``, ``models``, ``probes``);
 never imported by the engine. See docs/explain.md and docs/methods/ (one page per method).
+
+The package itself is callable: ``headmap.explain(model, tokenizer, texts, ...)`` is
+:func:`headmap.explain.api.explain`, while ``headmap.explain.Rollout`` and the other names stay
+reachable as in any package.
 """
+
+import sys
+import types
 
 from .api import DEFAULT_METHODS, METHODS, explain, explain_and_measure, resolve_methods
 from .attn_grad import AttnGrad
@@ -37,3 +44,13 @@ __all__ = [
     "resolve_methods",
     "row_product",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """``headmap.explain`` the package, callable as ``headmap.explain(...)`` (the verb of the API)."""
+
+    def __call__(self, *args, **kwargs):
+        return explain(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
