@@ -16,7 +16,6 @@ from bounds import batch_bound
 from headmap.corpus import Corpus, Sample
 from headmap.edits import Edit
 from headmap.errors import OptionError, TaskError
-from headmap.evaluation import stats
 from headmap.evaluation import (
     BUILTIN_TASKS,
     Task,
@@ -32,6 +31,7 @@ from headmap.evaluation import (
     random_head_controls,
     random_like,
     score_options,
+    stats,
     tune,
 )
 from headmap.models import load_model

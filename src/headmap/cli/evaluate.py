@@ -109,6 +109,13 @@ def eval_command(
     ] = "layer",
     units: Annotated[str, typer.Option(help=UNITS_HELP)] = "auto",
     allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help=OVERLAP_HELP)] = False,
+    power_effect: Annotated[
+        float | None,
+        typer.Option(
+            help="also print how many items a paired comparison needs to detect this difference in accuracy "
+            "(e.g. 0.02) with 80% power, at the base accuracy and discordance measured here"
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     max_length: Annotated[
         int | None, typer.Option(help="tokens per input (needle: context length, default 512; else the model's)")
@@ -147,6 +154,7 @@ def eval_command(
         units=units,
         control_heads=control_heads,
         allow_overlap=allow_overlap,
+        power_effect=power_effect,
     )
     result = run.result
     console.print(f"[bold]{run.model_id}[/] on {result.task}: {run.what}", highlight=False)
@@ -174,6 +182,8 @@ def eval_command(
     _acc_norm(result.acc_norm)
     _methods(result.acc)
     _checks(run.checks, atlas)
+    if "power" in run.summary:
+        console.print(f"power: {run.summary['power']['text']}", highlight=False, markup=False)
     if out is not None:
         written = run.write(out)
         console.print(f"wrote {out}/: " + ", ".join(p.name for p in written), highlight=False)

@@ -16,7 +16,7 @@ from ..corpus import parse_spec
 from ..errors import OptionError, OutputError, TaskError
 from ..models import load_model, pad_id
 from ..rundir import check_writable
-from . import heldout
+from . import heldout, stats
 from .controls import DEFAULT_CONTROLS, MATCHES, RandomControls, draw_controls, random_head_controls
 from .editing import build_edits, prepare_edits
 from .needle import greedy_answers, load_needles, needle_accuracy, needle_spec
@@ -114,6 +114,7 @@ def run_eval(
     units: str = "auto",
     control_heads: str = "layer",
     allow_overlap: bool = False,
+    power_effect: float | None = None,
 ) -> EvalRun:
     """``headmap eval``: accuracy on ``task`` without and with ``edits`` (specs), and ``random_heads``
     random-head controls (default: 20 when the edits name heads, drawn from the same layers; 0 otherwise).
@@ -122,8 +123,10 @@ def run_eval(
     options (``niah_single:lengths=512:n=120``, generated for the model's tokenizer, avoiding the
     atlas's needles and prose). With ``atlas``, the task's needles, haystacks, prose and items are
     checked against the atlas's corpus (meta.json): an overlap is refused unless ``allow_overlap``;
-    the check is recorded in the summary. Every option, the task, the edits and ``out`` are checked
-    before the model loads; the edits are bound to the model before any scoring."""
+    the check is recorded in the summary. ``power_effect``: also report how many items a paired
+    comparison needs to detect a difference of that size with 80% power at the base accuracy and
+    discordance measured here (:func:`stats.paired_sample_size`). Every option, the task, the edits
+    and ``out`` are checked before the model loads; the edits are bound to the model before any scoring."""
     specs = list(edits or [])
     if random_heads is not None and random_heads < 0:
         raise OptionError(f"--random-heads must be 0 or more (got {random_heads})")
@@ -133,6 +136,8 @@ def run_eval(
         raise OptionError(f"--control-heads must be one of {', '.join(MATCHES)} (got {control_heads!r})")
     if units not in UNITS:
         raise OptionError(f"--units must be one of {', '.join(UNITS)} (got {units!r})")
+    if power_effect is not None:
+        stats.paired_sample_size(power_effect)  # an effect of 0 (or not a number) fails here
     check_counts(batch_size, bootstrap, limit)
     check_out(out)
     needle = is_needle(task)
@@ -208,6 +213,8 @@ def run_eval(
         "options": {"limit": limit, "seed": seed, "units": units, "control_heads": control_heads},
         "held_out": [c.as_dict() for c in checks] if atlas_obj is not None else "not checked: no --atlas",
     }
+    if power_effect is not None:
+        summary["power"] = power_summary(result, power_effect)
     controls = None
     items = result.items.copy()
     if draws:
@@ -215,6 +222,23 @@ def run_eval(
         items = controls.items
         summary.update(controls.summary())
     return EvalRun(lm.model_id, result, needle, what, items, summary, controls, bool(specs), checks)
+
+
+def power_summary(result: EvalResult, effect: float) -> dict[str, Any]:
+    """Items needed to detect ``effect`` (80% power, alpha 0.05) at this run's base accuracy, with the
+    discordance measured here (when it exceeds the effect; else stats' default correlation model), times
+    the design effect measured from the clusters (items per cluster, icc from the cluster bootstrap)."""
+    acc = result.acc
+    base = min(max(acc.accuracy_base, 0.0), 1.0)
+    discordance = (acc.gained + acc.lost) / acc.n
+    size = acc.n / acc.clusters if acc.clusters else 1.0
+    kwargs: dict[str, Any] = {"cluster_size": size}
+    if discordance > abs(effect):
+        kwargs["discordance"] = discordance
+    else:
+        kwargs["accuracy"] = base if 0 <= base + effect <= 1 else base - effect
+    need = stats.paired_sample_size(effect, **kwargs)
+    return {"effect": effect, "items": need.items, "clusters": need.clusters, "text": need.format()}
 
 
 @dataclass
