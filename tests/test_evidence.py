@@ -102,7 +102,18 @@ def test_needle_corpus_does_not_echo_by_default_and_lists_its_needles(tiny):
 
 
 def test_run_eval_on_a_ruler_task_counts_clusters(tiny_llama_dir, tmp_path):
-    run = run_eval(str(tiny_llama_dir), TASK, ["ablate:heads=[[0,1],[1,2]]:mode=zero"], random_heads=3, bootstrap=200)
+    run = run_eval(
+        str(tiny_llama_dir),
+        TASK,
+        ["ablate:heads=[[0,1],[1,2]]:mode=zero"],
+        random_heads=3,
+        bootstrap=200,
+        power_effect=0.02,
+    )
+    power = run.summary["power"]
+    base = run.summary["acc"]["accuracy_base"]
+    kw = {"discordance": power["discordance"]} if power["discordance"] > 0.02 else {"accuracy": min(base, 0.98)}
+    assert power["independent_items"] == stats.paired_sample_size(0.02, **kw).items
     acc = run.summary["acc"]
     assert (acc["n"], acc["units"], acc["clusters"]) == (8, 2, 2)
     assert acc["test"] == "exact sign test over clusters"

@@ -225,20 +225,22 @@ def run_eval(
 
 
 def power_summary(result: EvalResult, effect: float) -> dict[str, Any]:
-    """Items needed to detect ``effect`` (80% power, alpha 0.05) at this run's base accuracy, with the
-    discordance measured here (when it exceeds the effect; else stats' default correlation model), times
-    the design effect measured from the clusters (items per cluster, icc from the cluster bootstrap)."""
+    """Independent items needed to detect ``effect`` (80% power, alpha 0.05) at this run's base accuracy,
+    with the discordance measured here (when it exceeds the effect; else stats' default correlation
+    model). Items in clusters need that many times the design effect 1 + (m - 1) icc."""
     acc = result.acc
     base = min(max(acc.accuracy_base, 0.0), 1.0)
     discordance = (acc.gained + acc.lost) / acc.n
-    size = acc.n / acc.clusters if acc.clusters else 1.0
-    kwargs: dict[str, Any] = {"cluster_size": size}
+    kwargs: dict[str, Any] = {}
     if discordance > abs(effect):
         kwargs["discordance"] = discordance
     else:
         kwargs["accuracy"] = base if 0 <= base + effect <= 1 else base - effect
     need = stats.paired_sample_size(effect, **kwargs)
-    return {"effect": effect, "items": need.items, "clusters": need.clusters, "text": need.format()}
+    text = need.format() + (
+        "; items in clusters need this times the design effect 1 + (m - 1) icc" if acc.clusters else ""
+    )
+    return {"effect": effect, "independent_items": need.items, "discordance": need.discordance, "text": text}
 
 
 @dataclass
