@@ -31,6 +31,7 @@ from headmap.evaluation import (
     random_head_controls,
     random_like,
     score_options,
+    stats,
     tune,
 )
 from headmap.models import load_model
@@ -204,27 +205,51 @@ def test_evaluate_reports_paired_accuracy_and_items(tiny, tmp_path):
     again = evaluate(tiny.model, tiny.tokenizer, task, [ZeroHeads(heads=[(0, 1), (1, 3)])], bootstrap=500, seed=3)
     assert again.ci == result.ci  # seeded
     neutral = evaluate(tiny.model, tiny.tokenizer, task, [Neutral()], bootstrap=500)
-    assert neutral.difference == 0 and neutral.ci == (0.0, 0.0)
+    # nothing changed, but 5 items cannot show that nothing would: the interval is McNemar's (Bonett-Price)
+    # for 0 gained and 0 lost of 5, never the zero-width [0, 0] of a percentile bootstrap (issue 10)
+    assert neutral.difference == 0 and neutral.ci == _pair(stats.mcnemar_counts(0, 0, len(ITEMS)).difference)
+    assert neutral.ci[0] < 0 < neutral.ci[1]
+    assert neutral.acc.units == len(ITEMS) and neutral.acc.clusters is None
     assert result.summary()["acc"]["n"] == len(ITEMS)
 
 
-def test_compare_bootstrap_by_hand():
+def _pair(interval):
+    return (interval.low, interval.high)
+
+
+def test_compare_takes_every_interval_from_stats():
+    """Independent items: Clopper-Pearson accuracies, exact McNemar with Bonett-Price's interval
+    (the percentile bootstrap it replaced gave [0, 0] for no change; issue 10)."""
     base = np.array([1, 0, 0, 1, 0, 0, 1, 0, 1, 0] * 3, dtype=bool)
     edit = base.copy()
     edit[[1, 2, 4]] = True  # three items gained
     c = compare(base, edit, resamples=4000, seed=1)
-    assert (c.n, c.gained, c.lost) == (30, 3, 0)
+    assert (c.n, c.gained, c.lost, c.units, c.clusters) == (30, 3, 0, 30, None)
     assert c.difference == pytest.approx(0.1)  # 3/30 in float64: one rounding, far inside approx's rel 1e-6
-    assert c.ci_difference[0] >= 0.0 and c.ci_difference[1] <= 0.3  # never below 0: no item was lost
-    rng = np.random.default_rng(1)
-    idx = rng.integers(0, 30, size=(4000, 30))
-    diffs = (edit.astype(float) - base)[idx].mean(axis=1)
-    # the same float64 means and percentiles of the same draw: equal up to a few roundings (approx's rel 1e-6)
-    assert c.ci_difference == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+    assert c.ci_base == _pair(stats.clopper_pearson(12, 30)) and c.ci_edit == _pair(stats.clopper_pearson(15, 30))
+    assert c.ci_difference == _pair(stats.mcnemar_counts(3, 0, 30).difference)
+    assert c.p_value == stats.mcnemar_counts(3, 0, 30).p_value
+    # 2 * (1/2)^3 through exp(log-factorials): a few roundings of log k!, k <= 3 (rel 1e-12 is far above them)
+    assert c.p_value == pytest.approx(0.25, rel=1e-12)
+    assert c.test == "exact McNemar" and c.as_dict()["units"] == 30
     same = compare(base, base)
-    assert same.ci_difference == (0.0, 0.0) and same.difference == 0.0
+    assert same.difference == 0.0 and same.ci_difference[0] < 0 < same.ci_difference[1]
+    full = compare(np.ones(30, bool), np.ones(30, bool))
+    assert full.ci_base == _pair(stats.clopper_pearson(30, 30)) and full.ci_base[0] < 0.885  # [0.884, 1]
     with pytest.raises(ValueError):
         compare([], [])
+
+
+def test_compare_with_clusters_resamples_clusters():
+    """6 needles x 5 depths, all lost: the units are the 6 needles (sign test p = 1/32), not 30 items."""
+    base, edit = np.ones(30, bool), np.zeros(30, bool)
+    clusters = [f"needle{k // 5}" for k in range(30)]
+    c = compare(base, edit, resamples=500, seed=2, clusters=clusters)
+    assert (c.units, c.clusters, c.n) == (6, 6, 30)
+    assert c.p_value == pytest.approx(1 / 32, rel=1e-12)  # two-sided 2 * (1/2)^6 via log-factorials (as above)
+    assert c.ci_difference == _pair(stats.cluster_difference(base, edit, clusters, resamples=500, seed=2))
+    assert c.ci_difference[1] > -1.0  # never the zero-width [-1, -1]
+    assert c.units_text() == "30 items, 6 clusters"
 
 
 def test_needle_accuracy_on_given_needles(tiny):

@@ -1,4 +1,5 @@
-"""``headmap eval`` and ``headmap tune``: accuracy with and without edits, paired, with bootstrap intervals."""
+"""``headmap eval`` and ``headmap tune``: accuracy with and without edits, paired; every interval from
+``headmap.stats``, printed with the number of independent units it stands on."""
 
 from __future__ import annotations
 
@@ -15,8 +16,19 @@ EDIT_HELP = (
     'scale_first_token:heads="top 10% sink":factor=0.5 (heads rules need --atlas); see docs/steering.md'
 )
 TASK_HELP = (
-    "JSONL file (one item a line: context, options, answer index, optional id), a built-in task (mc_dev, "
-    "mc_test), or a needle corpus spec (needle, needle:lengths=256,512:depths=0,0.5,1) for retrieval accuracy"
+    "JSONL file (one item a line: context, options, answer index, optional id and cluster), a built-in task "
+    "(mc_dev, mc_test), a RULER-style task with options (niah_single, niah_multikey, niah_multivalue, "
+    "niah_multiquery, variable_tracking, common_words, qa; e.g. niah_single:lengths=512,1024:n=200:seed=1, "
+    "echo=true to end the question with the needle's words; generated offline), or a needle corpus spec "
+    "(needle, needle:lengths=256,512:depths=0,0.5,1:echo=true) for greedy retrieval accuracy"
+)
+UNITS_HELP = (
+    "independent units of the statistics: auto (the items' clusters when they carry them, else the items), "
+    "clusters (required on every item, field 'cluster') or items"
+)
+OVERLAP_HELP = (
+    "evaluate even when the task shares needles, haystacks, prose or items with the atlas's corpus (or dev with "
+    "test); the overlap is recorded in summary.json"
 )
 
 
@@ -30,7 +42,7 @@ def _fmt_diff(value: float) -> str:
 
 def _table(title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for col in ("condition", "accuracy", "95% CI", "vs base", "95% CI", "gained", "lost"):
+    for col in ("condition", "accuracy", "95% CI", "vs base", "95% CI", "p", "gained", "lost", "units"):
         table.add_column(col, justify="left" if col == "condition" else "right")
     return table
 
@@ -38,16 +50,34 @@ def _table(title: str) -> Table:
 def _rows(table: Table, label: str, comparison: Any, with_base: bool) -> None:
     c = comparison
     if with_base:
-        table.add_row("base", f"{c.accuracy_base:.3f}", _fmt_ci(c.ci_base), "", "", "", "")
+        table.add_row("base", f"{c.accuracy_base:.3f}", _fmt_ci(c.ci_base), "", "", "", "", "", c.units_text())
     table.add_row(
         label,
         f"{c.accuracy_edit:.3f}",
         _fmt_ci(c.ci_edit),
         _fmt_diff(c.difference),
         _fmt_ci(c.ci_difference),
+        f"{c.p_value:.3g}",
         str(c.gained),
         str(c.lost),
+        c.units_text(),
     )
+
+
+def _methods(c: Any) -> None:
+    console.print(
+        f"95% intervals on {c.units_text()} ({c.units} independent units): {c.ci_method}; p: {c.test}",
+        highlight=False,
+        markup=False,
+    )
+
+
+def _checks(checks: list, atlas: Any) -> None:
+    if atlas is None:
+        console.print("held-out check: not made (no --atlas)", highlight=False)
+    for c in checks:
+        allowed = " (allowed by --allow-overlap)" if c.allowed and not c.disjoint and c.compared else ""
+        console.print(f"held-out check, {c.between[0]} vs {c.between[1]}: {c.describe()}{allowed}", highlight=False)
 
 
 @app.command(name="eval")
@@ -65,17 +95,34 @@ def eval_command(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="use the first N items (needle: N inputs)")] = None,
     random_heads: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="also run N controls (random 0..N-1): each edit on as many heads drawn at random (seeded) from "
-            "the heads no edit names"
+            help="run N controls (random 0..N-1): each edit on as many heads drawn at random (seeded) from the heads "
+            "no edit names; default 20 when the edits name heads, else 0"
         ),
-    ] = 0,
+    ] = None,
+    control_heads: Annotated[
+        str,
+        typer.Option(
+            help="where controls draw heads: layer (as many in each layer as the edit names there) or uniform"
+        ),
+    ] = "layer",
+    units: Annotated[str, typer.Option(help=UNITS_HELP)] = "auto",
+    allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help=OVERLAP_HELP)] = False,
+    power_effect: Annotated[
+        float | None,
+        typer.Option(
+            help="also print how many items a paired comparison needs to detect this difference in accuracy "
+            "(e.g. 0.02) with 80% power, at the base accuracy and discordance measured here"
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     max_length: Annotated[
         int | None, typer.Option(help="tokens per input (needle: context length, default 512; else the model's)")
     ] = None,
-    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the items for the 95% intervals")] = 2000,
+    bootstrap: Annotated[
+        int, typer.Option(help="resamples of the cluster bootstrap (items in clusters; at least 100)")
+    ] = 2000,
     seed: Annotated[int, typer.Option(help="seed of the bootstrap and of the needle corpus")] = 0,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
@@ -85,6 +132,8 @@ def eval_command(
     Multiple-choice items are scored by the summed log-probability of each option given the context (acc;
     acc_norm divides by the option's length in bytes). A needle spec scores retrieval: the greedy answer must
     reproduce the needle's number. Both runs use the headmap engine, so the edits are the only difference.
+    Independent items: exact binomial intervals and the exact McNemar test; items in clusters (a shared needle
+    or haystack): a cluster bootstrap and a sign test over clusters. Controls are ranked against the edit.
     """
     from ..evaluation import run_eval
 
@@ -102,6 +151,10 @@ def eval_command(
         seed=seed,
         dtype=dtype,
         device=device,
+        units=units,
+        control_heads=control_heads,
+        allow_overlap=allow_overlap,
+        power_effect=power_effect,
     )
     result = run.result
     console.print(f"[bold]{run.model_id}[/] on {result.task}: {run.what}", highlight=False)
@@ -115,10 +168,11 @@ def eval_command(
             _rows(table, f"random {d.draw}", d.result.acc, False)
         console.print(table)
         versus = controls.versus
+        console.print(controls.rank_text(), highlight=False, markup=False)
         console.print(
             f"random-head controls: mean accuracy {versus.accuracy_base:.3f} (difference vs base "
             f"{_fmt_diff(controls.mean_difference)}); edited minus random: {_fmt_diff(versus.difference)} "
-            f"{_fmt_ci(versus.ci_difference)}",
+            f"{_fmt_ci(versus.ci_difference)} ({versus.units_text()})",
             highlight=False,
         )
         for draw, line in controls.describe():
@@ -126,9 +180,10 @@ def eval_command(
     else:
         console.print(table)
     _acc_norm(result.acc_norm)
-    console.print(
-        f"95% intervals: percentile bootstrap over items, {bootstrap} resamples, seed {seed}", highlight=False
-    )
+    _methods(result.acc)
+    _checks(run.checks, atlas)
+    if "power" in run.summary:
+        console.print(f"power: {run.summary['power']['text']}", highlight=False, markup=False)
     if out is not None:
         written = run.write(out)
         console.print(f"wrote {out}/: " + ", ".join(p.name for p in written), highlight=False)
@@ -138,7 +193,7 @@ def _acc_norm(n: Any) -> None:
     if n is not None:
         console.print(
             f"acc_norm (per byte): base {n.accuracy_base:.3f}, edited {n.accuracy_edit:.3f}, difference "
-            f"{_fmt_diff(n.difference)} {_fmt_ci(n.ci_difference)}",
+            f"{_fmt_diff(n.difference)} {_fmt_ci(n.ci_difference)} ({n.units_text()})",
             highlight=False,
         )
 
@@ -167,10 +222,14 @@ def tune_command(
     limit: Annotated[int | None, typer.Option(help="use the first N items of each split")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     max_length: Annotated[int | None, typer.Option(help="tokens per input (default: the model's limit)")] = None,
-    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the test items")] = 2000,
+    bootstrap: Annotated[
+        int, typer.Option(help="resamples of the cluster bootstrap (test items in clusters; at least 100)")
+    ] = 2000,
     seed: Annotated[int, typer.Option(help="seed of the bootstrap")] = 0,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
+    units: Annotated[str, typer.Option(help=UNITS_HELP)] = "auto",
+    allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help=OVERLAP_HELP)] = False,
 ) -> None:
     """Choose edit factors on the dev split only, then report held-out test accuracy against the unedited model.
 
@@ -197,6 +256,8 @@ def tune_command(
         seed=seed,
         dtype=dtype,
         device=device,
+        units=units,
+        allow_overlap=allow_overlap,
     )
     result = run.result
     console.print(
@@ -217,6 +278,8 @@ def tune_command(
     _rows(table, "tuned edits", result.test.acc, True)
     console.print(table)
     _acc_norm(result.test.acc_norm)
+    _methods(result.test.acc)
+    _checks(run.checks, True)
     if all(f == run.neutral for f in result.chosen):
         console.print("no factor beat the neutral setting on dev: the tuned edits leave the model unchanged")
     if out is not None:

@@ -1,5 +1,16 @@
 """Built-in corpus ``needle``: needle in a haystack (retrieval heads). Shipped prose with a sentence
-that states a secret number inserted at a chosen depth, then a question whose answer is that number."""
+that states a secret number inserted at a chosen depth, then a question whose answer is that number.
+
+The prompt ends ``Question: What is the secret number of X?\nAnswer:``: it does not repeat the
+needle's wording, so a head that merely completes a repeated phrase (an induction pattern) gets no
+help from the question. ``echo=1`` ends it ``Answer: The secret number of X is`` instead, the needle's
+own words, to measure how much of a result that pattern carries (docs/methods/needle_accuracy.md).
+
+Every input records its needle (``needle_id``, the place and number, also its ``cluster``: one
+needle is asked at every depth), its ``haystack`` (the first paragraph of the prose it reads) and
+the ``paragraphs`` it reads; the corpus description lists them (``needles``, ``haystacks``,
+``paragraphs``), so that a scan's meta.json says which needles chose its heads and an evaluation
+can be checked against them."""
 
 from __future__ import annotations
 
@@ -48,6 +59,18 @@ def _haystack_source(paragraphs: list[str], counts: list[int], start: int, token
     return "\n".join(parts)
 
 
+def _paragraphs_read(counts: list[int], start: int, tokens: int) -> list[int]:
+    """The paragraphs :func:`_haystack_source` joins from ``start`` for ``tokens`` tokens."""
+    out: list[int] = []
+    have = 0
+    i = start
+    while have < tokens + 64 + tokens // 50:
+        out.append(i % len(counts))
+        have += counts[i % len(counts)]
+        i += 1
+    return sorted(set(out))
+
+
 def _insert(haystack: str, needle: str, depth: float) -> tuple[str, int]:
     """``haystack`` with ``needle`` at the sentence (or, failing one close by, word) boundary nearest
     to ``depth`` of its length; returns the text and where the needle starts in it."""
@@ -68,14 +91,23 @@ def _insert(haystack: str, needle: str, depth: float) -> tuple[str, int]:
 
 
 def _needle_input(
-    toks: Tokens, source: str, name: str, value: str, ending: str, length: int, depth: float, explicit: bool
+    toks: Tokens,
+    source: str,
+    name: str,
+    value: str,
+    ending: str,
+    length: int,
+    depth: float,
+    explicit: bool,
+    echo: bool = False,
 ) -> tuple[list[int], dict[str, Any], bool]:
     """One needle prompt of at most ``length`` tokens; the flag says whether the needle's answer
-    tokens are exactly the tokens the model should generate after the prompt."""
+    tokens are exactly the tokens the model should generate after the prompt. ``echo``: the answer
+    prefix repeats the needle's own words."""
     lead = f"The secret number of {name} is "
     needle = f"{lead}{value}{ending}"
     question = f"What is the secret number of {name}?"
-    tail = f"\n\nQuestion: {question}\nAnswer: The secret number of {name} is"
+    tail = f"\n\nQuestion: {question}\nAnswer:" + (f" The secret number of {name} is" if echo else "")
     fixed = len(toks.pre) + toks.count(needle) + toks.count(tail)
     need = fixed + MIN_HAYSTACK
     if need > length:
@@ -129,7 +161,13 @@ def _needle_input(
 
 
 def _needle(
-    tokenizer: Any, max_length: int, limit: int | None, seed: int, lengths: list[int] | None, depths: list[float]
+    tokenizer: Any,
+    max_length: int,
+    limit: int | None,
+    seed: int,
+    lengths: list[int] | None,
+    depths: list[float],
+    echo: bool = False,
 ) -> list[Sample]:
     """Every (length, depth) pair, in that order, repeated with new needles and haystacks until ``limit``."""
     explicit = lengths is not None
@@ -162,7 +200,7 @@ def _needle(
                 # a needle whose number the tokenizer splits alike in the needle and in the answer: on a
                 # mismatch (say "3." is one token) end the sentence otherwise, then try another number
                 for _ in range(10):
-                    ids, info, exact = _needle_input(toks, source, name, value, ending, length, depth, explicit)
+                    ids, info, exact = _needle_input(toks, source, name, value, ending, length, depth, explicit, echo)
                     if exact:
                         break
                     if ending == NEEDLE_ENDINGS[0]:
@@ -173,6 +211,11 @@ def _needle(
                     mismatched += 1
                 info["haystack_start"] = start
                 info["exact_copy"] = exact
+                info["needle_id"] = f"{name}={value}"
+                info["cluster"] = info["needle_id"]  # one needle is asked at every depth: the unit
+                info["haystack"] = f"text@{start}"
+                info["paragraphs"] = _paragraphs_read(counts, start, length)
+                info["echo"] = echo
                 samples.append(Sample(ids, info))
     if mismatched:
         warnings.warn(
@@ -188,10 +231,23 @@ def _needle(
     {
         "lengths": ("ints", "context lengths in tokens, comma-separated; default: --max-length"),
         "depths": ("fractions", "needle depths as fractions of the haystack in [0, 1]; default 0,0.25,0.5,0.75,1"),
+        "echo": ("fractions", "1: the answer prefix repeats the needle's words (an induction pattern); default 0"),
     },
 )
 def build_needle(tokenizer: Any, *, max_length: int, limit: int | None, seed: int, vocab_size: int | None, options):
     lengths = options.get("lengths")
+    echo = options.get("echo", [0])
+    if len(echo) != 1 or echo[0] not in (0.0, 1.0):
+        raise CorpusError(f"corpus 'needle': option echo must be 0 or 1 (got {','.join(map(str, echo))})")
     used = {"lengths": lengths or [max_length], "depths": options.get("depths", list(NEEDLE_DEPTHS))}
-    samples = _needle(tokenizer, max_length, limit, seed, lengths, used["depths"])
-    return Built(samples, used, {"seed": seed, "source": "headmap/data/text.txt with needle sentences"})
+    if echo[0]:
+        used["echo"] = 1
+    samples = _needle(tokenizer, max_length, limit, seed, lengths, used["depths"], bool(echo[0]))
+    description = {
+        "seed": seed,
+        "source": "headmap/data/text.txt with needle sentences",
+        "needles": sorted({s.info["needle_id"] for s in samples}),
+        "haystacks": sorted({s.info["haystack"] for s in samples}),
+        "paragraphs": sorted({p for s in samples for p in s.info["paragraphs"]}),
+    }
+    return Built(samples, used, description)

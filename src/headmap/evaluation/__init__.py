@@ -14,9 +14,11 @@ items) and ``mc_test`` (80 items), easy 2-4-option questions written for headmap
 Base and edited runs both go through the headmap engine (the edited one with the edits), so the
 only difference between the two is the edits: a neutral edit gives identical predictions.
 
-The comparison is paired: every item is scored with and without the edits, and the 95%
-interval of the accuracy difference comes from a seeded bootstrap over items (the same resampled
-items for both conditions).
+The comparison is paired: every item is scored with and without the edits; every interval comes
+from ``stats`` (exact binomial, exact McNemar; a cluster bootstrap and a sign test over clusters
+when items share a needle, a haystack or a document), with its number of independent units.
+RULER-style tasks (``ruler``) are generated offline by name (``niah_single:lengths=512:n=200``);
+``heldout`` checks that selection, tuning and testing read disjoint needles, haystacks and items.
 
 ``needle_accuracy`` scores retrieval: the fraction of ``needle`` inputs (``headmap.corpus``)
 whose greedy answer reproduces the needle's number exactly.
@@ -30,7 +32,10 @@ lm-evaluation-harness adapter; imported on its own).
 
 from __future__ import annotations
 
+from .. import stats
+from . import heldout, ruler
 from .controls import (
+    DEFAULT_CONTROLS,
     ControlDraw,
     RandomControls,
     draw_controls,
@@ -59,11 +64,12 @@ from .scoring import (
     score_options,
     score_token_pairs,
 )
-from .tasks import BUILTIN_TASKS, Task, TaskItem, load_task
+from .tasks import BUILTIN_TASKS, Task, TaskItem, is_ruler, load_task, parse_ruler_spec, ruler_task, task_from_items
 from .tuning import EditFactory, TuneResult, check_grid, parse_grid, tune
 
 __all__ = [
     "BUILTIN_TASKS",
+    "DEFAULT_CONTROLS",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_BOOTSTRAP",
     "Comparison",
@@ -88,20 +94,27 @@ __all__ = [
     "engine_with",
     "evaluate",
     "greedy_answers",
+    "heldout",
+    "is_ruler",
     "load_needles",
     "load_task",
     "model_heads",
     "needle_accuracy",
     "parse_grid",
+    "parse_ruler_spec",
     "predict",
     "prefix_id",
     "prepare_edits",
     "random_head_controls",
     "random_like",
     "run_eval",
+    "ruler",
+    "ruler_task",
     "run_tune",
     "score_options",
     "score_token_pairs",
+    "stats",
+    "task_from_items",
     "tune",
     "with_heads",
     "write_results",

@@ -1,5 +1,9 @@
 """Needle retrieval accuracy: the fraction of ``needle`` inputs (``headmap.corpus``) whose greedy
-answer reproduces the needle's number exactly, without and with edits."""
+answer reproduces the needle's number exactly, without and with edits.
+
+The inputs are not independent: every needle (a place and its secret number) is asked at several
+depths in one haystack, so its cluster is the needle and the statistics resample needles
+(docs/methods/needle_accuracy.md)."""
 
 from __future__ import annotations
 
@@ -37,8 +41,19 @@ def greedy_answers(
     return out
 
 
+def needle_spec(spec: str) -> str:
+    """``spec`` with ``echo=true``/``echo=false`` written as the corpus option's 1/0."""
+    parts = spec.split(":")
+    for k, part in enumerate(parts):
+        key, eq, value = part.partition("=")
+        if key.strip() == "echo" and value.strip().lower() in ("true", "yes", "false", "no"):
+            parts[k] = f"echo={1 if value.strip().lower() in ('true', 'yes') else 0}"
+    return ":".join(parts)
+
+
 def load_needles(tokenizer: Any, spec: str = "needle", max_length: int = 512, limit: int | None = None, seed: int = 0):
-    """The needle inputs of ``spec`` (``needle:lengths=...:depths=...``)."""
+    """The needle inputs of ``spec`` (``needle:lengths=...:depths=...:echo=true``)."""
+    spec = needle_spec(spec)
     parsed = parse_spec(spec)
     if parsed is None or parsed[0] != "needle":
         raise TaskError(f"'{spec}' is not a needle corpus spec; write needle or needle:lengths=256,512:depths=0,0.5,1")
@@ -57,13 +72,17 @@ def needle_accuracy(
     bootstrap: int = DEFAULT_BOOTSTRAP,
     base: list[list[int]] | None = None,
     needles: Any = None,
+    units: str = "auto",
 ) -> EvalResult:
     """Retrieval accuracy on the needle corpus without and with ``edits``.
 
     An input counts as right when the model's greedy answer equals the needle's number token for
     token. ``base`` (greedy answers from :func:`greedy_answers`) and ``needles`` (a corpus from
-    :func:`load_needles`) reuse earlier work.
+    :func:`load_needles`) reuse earlier work. ``units``: ``auto`` (the needles as clusters when the
+    inputs record them, ``info['cluster']``), ``clusters`` (required) or ``items``.
     """
+    if units not in ("auto", "clusters", "items"):
+        raise TaskError(f"--units must be one of auto, clusters, items (got {units!r})")
     needles = needles if needles is not None else load_needles(tokenizer, corpus, max_length, limit, seed)
     samples = needles.samples
     pad = tokenizer_pad_id(tokenizer) if tokenizer is not None else 0
@@ -76,9 +95,20 @@ def needle_accuracy(
     def text(ids: list[int]) -> str:
         return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
 
+    cluster = [s.info.get("cluster") for s in samples]
+    if units == "clusters" and any(c is None for c in cluster):
+        k = next(i for i, c in enumerate(cluster) if c is None)
+        raise TaskError(
+            f"needle input {k} has no cluster id (field 'cluster' of its info): the cluster statistics need the "
+            "needle every input shares; use the built-in needle corpus, or --units items"
+        )
+    clusters = None if units == "items" or any(c is None for c in cluster) else cluster
     items = pd.DataFrame(
         {
             "id": [f"needle-{i}" for i in range(len(samples))],
+            "cluster": cluster,
+            "needle": [s.info.get("needle_id") for s in samples],
+            "haystack": [s.info.get("haystack") for s in samples],
             "context_length": [s.info.get("context_length") for s in samples],
             "depth": [s.info.get("depth") for s in samples],
             "answer": [s.info.get("answer") for s in samples],
@@ -88,5 +118,5 @@ def needle_accuracy(
             "correct_edit": [g == w for g, w in zip(edited, want, strict=True)],
         }
     )
-    acc = compare(items.correct_base, items.correct_edit, bootstrap, seed)
+    acc = compare(items.correct_base, items.correct_edit, bootstrap, seed, clusters)
     return EvalResult(needles.name, "needle", acc, items, None, describe_edits(edits))

@@ -149,17 +149,21 @@ class _Prose:
     last: int  # one past the last
 
     @classmethod
-    def load(cls, text_range: tuple[float, float]) -> _Prose:
+    def load(cls, text_range: tuple[float, float], avoid: Iterable[int] = ()) -> _Prose:
+        """The paragraphs in ``text_range`` except those in ``avoid`` (read by an excluded set)."""
         paragraphs = shipped_text()
         lo, hi = text_range
         first, last = int(round(lo * len(paragraphs))), int(round(hi * len(paragraphs)))
-        if last - first < 2:
+        avoid = set(avoid)
+        kept = [p for p in range(first, last) if p not in avoid]
+        if len(kept) < 2:
             raise OptionError(
-                f"text_range {text_range} leaves {last - first} paragraph(s) of the shipped prose; give a wider range"
+                f"text_range {text_range} leaves {len(kept)} paragraph(s) of the shipped prose once the excluded "
+                "sets' paragraphs are removed; give a wider range or exclude less"
             )
         words: list[str] = []
         para: list[int] = []
-        for p in range(first, last):
+        for p in kept:
             for w in paragraphs[p].split():
                 words.append(w)
                 para.append(p)
@@ -497,7 +501,8 @@ def generate(
     word list. ``max_length`` is the model's limit (default: the tokenizer's ``model_max_length``);
     a length above it is an error. ``text_range`` is the share of the prose (by paragraph) the
     haystacks may use, so that sets made for selection, tuning and testing can read disjoint text;
-    ``exclude`` (items or their dicts) lists sets whose needles and haystacks this one must avoid.
+    ``exclude`` (items or their dicts) lists sets whose needles, haystacks and prose paragraphs this
+    one must avoid (a scan's corpus description, with ``needles``/``haystacks``/``paragraphs``, works too).
     The same arguments give the same items; another seed draws other needles.
     """
     if task not in TASKS:
@@ -526,7 +531,8 @@ def generate(
     if task == "common_words":
         items = _common_words(count, rng, draw, n, lengths, seed, avoid_haystacks)
     else:
-        prose = _Prose.load((lo, hi))
+        avoid_paragraphs = {int(p) for p in _ids_of(exclude, "paragraphs")}
+        prose = _Prose.load((lo, hi), avoid_paragraphs)
         items = _from_prose(task, count, prose, rng, draw, n, lengths, seed, echo, per_haystack, avoid_haystacks)
     by_haystack: dict[str, list[str]] = {}
     for item in items:

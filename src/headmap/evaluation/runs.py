@@ -6,21 +6,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from .. import stats
 from ..corpus import parse_spec
-from ..errors import OptionError, OutputError
+from ..errors import OptionError, OutputError, TaskError
 from ..models import load_model, pad_id
 from ..rundir import check_writable
-from .controls import RandomControls, draw_controls, random_head_controls
+from . import heldout
+from .controls import DEFAULT_CONTROLS, MATCHES, RandomControls, draw_controls, random_head_controls
 from .editing import build_edits, prepare_edits
-from .needle import greedy_answers, load_needles, needle_accuracy
+from .needle import greedy_answers, load_needles, needle_accuracy, needle_spec
 from .scoring import DEFAULT_BATCH_SIZE, DEFAULT_BOOTSTRAP, EvalResult, evaluate, predict
-from .tasks import Task, load_task
+from .tasks import UNITS, Task, is_ruler, load_task, parse_ruler_spec, ruler_task
 from .tuning import TuneResult, parse_grid, tune
 
 #: Inputs per batch of the needle task's greedy decoding, at most.
@@ -90,6 +92,7 @@ class EvalRun:
     summary: dict[str, Any]
     controls: RandomControls | None
     edited: bool  # whether any --edit was given
+    checks: list = field(default_factory=list)  # held-out checks against the atlas's corpus
 
     def write(self, out: Path) -> list[Path]:
         return write_results(out, self.items, self.summary)
@@ -102,68 +105,143 @@ def run_eval(
     atlas: Path | None = None,
     out: Path | None = None,
     limit: int | None = None,
-    random_heads: int = 0,
+    random_heads: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_length: int | None = None,
     bootstrap: int = DEFAULT_BOOTSTRAP,
     seed: int = 0,
     dtype: str = "float32",
     device: str = "cpu",
+    units: str = "auto",
+    control_heads: str = "layer",
+    allow_overlap: bool = False,
+    power_effect: float | None = None,
 ) -> EvalRun:
     """``headmap eval``: accuracy on ``task`` without and with ``edits`` (specs), and ``random_heads``
-    random-head controls. Every option, the task, the edits and ``out`` are checked before the model
-    loads; the edits are bound to the model before any scoring."""
+    random-head controls (default: 20 when the edits name heads, drawn from the same layers; 0 otherwise).
+
+    ``task`` is a JSONL file, a built-in task, a needle corpus spec or a RULER-style task with its
+    options (``niah_single:lengths=512:n=120``, generated for the model's tokenizer, avoiding the
+    atlas's needles and prose). With ``atlas``, the task's needles, haystacks, prose and items are
+    checked against the atlas's corpus (meta.json): an overlap is refused unless ``allow_overlap``;
+    the check is recorded in the summary. ``power_effect``: also report how many items a paired
+    comparison needs to detect a difference of that size with 80% power at the base accuracy and
+    discordance measured here (:func:`stats.paired_sample_size`). Every option, the task, the edits
+    and ``out`` are checked before the model loads; the edits are bound to the model before any scoring."""
     specs = list(edits or [])
-    if random_heads < 0:
+    if random_heads is not None and random_heads < 0:
         raise OptionError(f"--random-heads must be 0 or more (got {random_heads})")
     if random_heads and not specs:
         raise OptionError("--random-heads draws controls for the --edit edits; give at least one --edit")
+    if control_heads not in MATCHES:
+        raise OptionError(f"--control-heads must be one of {', '.join(MATCHES)} (got {control_heads!r})")
+    if units not in UNITS:
+        raise OptionError(f"--units must be one of {', '.join(UNITS)} (got {units!r})")
+    if power_effect is not None:
+        stats.paired_sample_size(power_effect)  # an effect of 0 (or not a number) fails here
     check_counts(batch_size, bootstrap, limit)
     check_out(out)
     needle = is_needle(task)
+    ruler = is_ruler(task)
     task_obj: Task | None = None
     if needle:
-        parse_spec(task)  # bad needle options fail here, before the model loads
+        parse_spec(needle_spec(task))  # bad needle options fail here, before the model loads
+    elif ruler:
+        parse_ruler_spec(task)  # unknown options and bad values fail here
     else:
         task_obj = load_task(task, limit=limit)  # a malformed line fails here
+        task_obj.clusters(units)  # items without a cluster, when the statistics need one, fail here
     from ..edits import load_atlas
 
     atlas_obj = load_atlas(atlas) if atlas is not None else None
+    atlas_side = heldout.from_description((getattr(atlas_obj, "meta", None) or {}).get("corpus"))
+    checks: list[heldout.Check] = []
+    if task_obj is not None and atlas_obj is not None:  # before the model loads
+        checks.append(heldout.check(atlas_side, heldout.from_items(task_obj.items, f"task {task}"), allow_overlap))
     edit_objs = build_edits(specs, atlas_obj)  # unknown names and bad values fail here
     lm = load_model(model, dtype=dtype, device=device)
     prepare_edits(edit_objs, lm.tokenizer, lm.model)  # heads the model does not have fail here
-    draws = draw_controls(edit_objs, lm.model, random_heads)
+    if random_heads is None:
+        named = any(getattr(e, "heads", None) is not None for e in edit_objs)
+        random_heads = DEFAULT_CONTROLS if named else 0
+    draws = draw_controls(edit_objs, lm.model, random_heads, control_heads)
     if needle:
         length = max_length or NEEDLE_LENGTH
         batch = max(1, min(batch_size, NEEDLE_BATCH))
         needles = load_needles(lm.tokenizer, task, length, limit, seed)
+        if atlas_obj is not None:
+            side = heldout.from_items([s.info for s in needles.samples], f"task {task}")
+            checks.append(heldout.check(atlas_side, side, allow_overlap))
+        if units == "clusters" and any(s.info.get("cluster") is None for s in needles.samples):
+            raise TaskError("the needle inputs have no cluster ids (field 'cluster'); use --units items")
         base = greedy_answers(lm.model, needles.samples, pad_id(lm.tokenizer), (), batch)
 
         def score(edits: list) -> EvalResult:
             return needle_accuracy(
-                lm.model, lm.tokenizer, edits, task, length, limit, seed, batch, bootstrap, base, needles
+                lm.model, lm.tokenizer, edits, task, length, limit, seed, batch, bootstrap, base, needles, units
             )
 
         what = f"{len(needles)} needle inputs; accuracy = greedy answer equals the needle's number"
     else:
+        if ruler:
+            exclude = [atlas_side.as_exclude()] if atlas_side.recorded else None
+            task_obj = ruler_task(task, lm.tokenizer, lm.max_length, limit, exclude)
+            if atlas_obj is not None:
+                side = heldout.from_items(task_obj.items, f"task {task}")
+                checks.append(heldout.check(atlas_side, side, allow_overlap))
         assert task_obj is not None
         base_pred = predict(lm.model, lm.tokenizer, task_obj, (), batch_size, max_length)
 
         def score(edits: list) -> EvalResult:
             return evaluate(
-                lm.model, lm.tokenizer, task_obj, edits, batch_size, max_length, bootstrap, seed, base=base_pred
+                lm.model,
+                lm.tokenizer,
+                task_obj,
+                edits,
+                batch_size,
+                max_length,
+                bootstrap,
+                seed,
+                base=base_pred,
+                units=units,
             )
 
         what = f"{len(task_obj)} items; acc = option with the highest summed log-probability"
     result = score(edit_objs)
-    summary: dict[str, Any] = {"model": lm.model_id, **result.summary(), "options": {"limit": limit, "seed": seed}}
+    summary: dict[str, Any] = {
+        "model": lm.model_id,
+        **result.summary(),
+        "options": {"limit": limit, "seed": seed, "units": units, "control_heads": control_heads},
+        "held_out": [c.as_dict() for c in checks] if atlas_obj is not None else "not checked: no --atlas",
+    }
+    if power_effect is not None:
+        summary["power"] = power_summary(result, power_effect)
     controls = None
     items = result.items.copy()
     if draws:
-        controls = random_head_controls(result, draws, score, bootstrap, seed)
+        controls = random_head_controls(result, draws, score, bootstrap, seed, control_heads)
         items = controls.items
         summary.update(controls.summary())
-    return EvalRun(lm.model_id, result, needle, what, items, summary, controls, bool(specs))
+    return EvalRun(lm.model_id, result, needle, what, items, summary, controls, bool(specs), checks)
+
+
+def power_summary(result: EvalResult, effect: float) -> dict[str, Any]:
+    """Independent items needed to detect ``effect`` (80% power, alpha 0.05) at this run's base accuracy,
+    with the discordance measured here (when it exceeds the effect; else stats' default correlation
+    model). Items in clusters need that many times the design effect 1 + (m - 1) icc."""
+    acc = result.acc
+    base = min(max(acc.accuracy_base, 0.0), 1.0)
+    discordance = (acc.gained + acc.lost) / acc.n
+    kwargs: dict[str, Any] = {}
+    if discordance > abs(effect):
+        kwargs["discordance"] = discordance
+    else:
+        kwargs["accuracy"] = base if 0 <= base + effect <= 1 else base - effect
+    need = stats.paired_sample_size(effect, **kwargs)
+    text = need.format() + (
+        "; items in clusters need this times the design effect 1 + (m - 1) icc" if acc.clusters else ""
+    )
+    return {"effect": effect, "independent_items": need.items, "discordance": need.discordance, "text": text}
 
 
 @dataclass
@@ -176,6 +254,7 @@ class TuneRun:
     test_items: int
     neutral: float
     summary: dict[str, Any]
+    checks: list = field(default_factory=list)
 
     def write(self, out: Path) -> list[Path]:
         return write_results(out, self.result.test.items, self.summary, {"dev": self.result.dev})
@@ -197,10 +276,14 @@ def run_tune(
     seed: int = 0,
     dtype: str = "float32",
     device: str = "cpu",
+    units: str = "auto",
+    allow_overlap: bool = False,
 ) -> TuneRun:
     """``headmap tune``: factors chosen on ``task_dev``, held-out accuracy on ``task_test``. The
     templates, the grid, the tasks, every edit at every factor and ``out`` are checked before the
-    model loads."""
+    model loads. Dev and test (and the atlas's corpus, with ``atlas``) must read disjoint items,
+    needles, haystacks and prose unless ``allow_overlap``; RULER-style tasks are generated so that
+    they do (test avoids dev's needles and prose, both avoid the atlas's)."""
     templates = list(templates or [])
     if not templates:
         raise OptionError("tune needs at least one --edit-template, e.g. scale_first_token:heads=[[0,1]]:factor={f}")
@@ -208,17 +291,42 @@ def run_tune(
     for t in templates:
         if "{f}" not in t:
             raise OptionError(f"--edit-template {t!r} has no {{f}} where the factor goes")
+    if units not in UNITS:
+        raise OptionError(f"--units must be one of {', '.join(UNITS)} (got {units!r})")
     check_counts(batch_size, bootstrap, limit)
     check_out(out)
-    dev = load_task(task_dev, limit=limit)
-    test = load_task(task_test, limit=limit)
+    for spec in (task_dev, task_test):
+        if is_ruler(spec):
+            parse_ruler_spec(spec)
+    dev = None if is_ruler(task_dev) else load_task(task_dev, limit=limit)
+    test = None if is_ruler(task_test) else load_task(task_test, limit=limit)
+    if test is not None:
+        test.clusters(units)
     from ..edits import load_atlas
 
     atlas_obj = load_atlas(atlas) if atlas is not None else None
+    atlas_side = heldout.from_description((getattr(atlas_obj, "meta", None) or {}).get("corpus"))
+
+    def checks_of(dev: Task, test: Task) -> list[heldout.Check]:
+        sides = [heldout.from_items(dev.items, f"dev {task_dev}"), heldout.from_items(test.items, f"test {task_test}")]
+        if atlas_obj is not None:
+            sides.insert(0, atlas_side)
+        return heldout.check_all(sides, allow_overlap)
+
+    if dev is not None and test is not None:
+        if dev.path and Path(dev.path).resolve() == Path(test.path).resolve():
+            raise OptionError("the dev and test tasks are the same file; tune on a dev split and report on another")
+        checks = checks_of(dev, test)  # before the model loads
     for t in templates:  # every template must make valid edits at every factor, before the model loads
         for f in {*factors, neutral}:
             build_edits([t.replace("{f}", repr(float(f)))], atlas_obj)
     lm = load_model(model, dtype=dtype, device=device)
+    exclude = [atlas_side.as_exclude()] if atlas_side.recorded else []
+    if dev is None:
+        dev = ruler_task(task_dev, lm.tokenizer, lm.max_length, limit, exclude or None)
+    if test is None:
+        test = ruler_task(task_test, lm.tokenizer, lm.max_length, limit, [*exclude, *_item_dicts(dev)])
+    checks = checks_of(dev, test)
     result = tune(
         lm.model,
         lm.tokenizer,
@@ -232,6 +340,14 @@ def run_tune(
         max_length=max_length,
         bootstrap=bootstrap,
         seed=seed,
+        units=units,
     )
-    summary = {"model": lm.model_id, **result.summary()}
-    return TuneRun(lm.model_id, result, len(dev), len(test), neutral, summary)
+    summary = {"model": lm.model_id, **result.summary(), "held_out": [c.as_dict() for c in checks]}
+    return TuneRun(lm.model_id, result, len(dev), len(test), neutral, summary, checks)
+
+
+def _item_dicts(task: Task) -> list[dict[str, Any]]:
+    """The needles, haystacks and paragraphs of ``task``'s items, as ruler.generate's ``exclude`` reads them."""
+    return [
+        {**it.info, "needles": it.info.get("needles") or [], "haystack": it.info.get("haystack")} for it in task.items
+    ]

@@ -5,9 +5,10 @@ prediction is the option with the highest sum (``acc``, as lm-evaluation-harness
 ``acc_norm`` divides each sum by the option's length in UTF-8 bytes first. Base and edited runs both
 go through the headmap engine (the edited one with the edits), so the edits are the only difference.
 
-The comparison is paired: every item is scored with and without the edits, and the 95% interval of
-the accuracy difference comes from a seeded percentile bootstrap over items (the same resampled
-items for both conditions). docs/methods/evaluation.md states the method.
+The comparison is paired: every item is scored with and without the edits; every interval comes from
+:mod:`headmap.stats` (exact binomial and exact McNemar for independent items, a cluster
+bootstrap and a sign test over clusters for items that share a needle or a haystack), with the
+number of independent units beside it. docs/methods/scoring.md and docs/methods/statistics.md state the methods.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import stats
 from ..corpus import Tokens, pad_batch
 from ..engine import observe
 from ..errors import OptionError, TaskError
@@ -186,7 +188,13 @@ def predict(
 
 @dataclass
 class Comparison:
-    """Paired accuracies of two conditions with seeded bootstrap 95% intervals."""
+    """Paired accuracies of two conditions, every interval from :mod:`headmap.stats`.
+
+    Items taken as independent (``clusters`` None): Clopper-Pearson for each accuracy, exact McNemar
+    (``p_value``) with the Bonett-Price interval for the difference. Items in clusters (they share a
+    needle, a haystack, a document): a cluster bootstrap for each interval and an exact sign test over
+    clusters. ``units`` is the number of independent units behind every interval (clusters, else items).
+    """
 
     n: int
     accuracy_base: float
@@ -197,23 +205,42 @@ class Comparison:
     ci_difference: tuple[float, float]
     gained: int  # items right only with the edits
     lost: int  # items right only without them
-    bootstrap: int
+    bootstrap: int  # resamples of the cluster bootstrap (unused when the items are independent)
     seed: int
+    clusters: int | None = None  # independent clusters the items come in; None: the items are the units
+    units: int = 0  # independent units behind every interval: clusters, else items
+    p_value: float = 1.0  # two-sided, of ``test``
+    test: str = "exact McNemar"
+    ci_method: str = ""  # how the intervals were computed
+    level: float = stats.LEVEL
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "n": self.n,
+            "units": self.units,
+            "clusters": self.clusters,
             "accuracy_base": self.accuracy_base,
             "accuracy_edit": self.accuracy_edit,
             "difference": self.difference,
             "ci_base": list(self.ci_base),
             "ci_edit": list(self.ci_edit),
             "ci_difference": list(self.ci_difference),
+            "ci_level": self.level,
+            "ci_method": self.ci_method,
+            "p_value": self.p_value,
+            "test": self.test,
             "gained": self.gained,
             "lost": self.lost,
             "bootstrap": self.bootstrap,
             "seed": self.seed,
         }
+
+    def units_text(self) -> str:
+        """``30 items`` or ``30 items, 6 clusters``: what every interval of this comparison stands on."""
+        text = f"{self.n} item{'s' if self.n != 1 else ''}"
+        if self.clusters is not None:
+            text += f", {self.clusters} cluster{'s' if self.clusters != 1 else ''}"
+        return text
 
 
 def bootstrap_indices(n: int, resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> np.ndarray:
@@ -223,9 +250,8 @@ def bootstrap_indices(n: int, resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0)
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
-def _interval(values: np.ndarray) -> tuple[float, float]:
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
+def _pair(interval: stats.Interval) -> tuple[float, float]:
+    return float(interval.low), float(interval.high)
 
 
 def compare(
@@ -233,27 +259,58 @@ def compare(
     correct_edit: Sequence[bool] | np.ndarray,
     resamples: int = DEFAULT_BOOTSTRAP,
     seed: int = 0,
+    clusters: Sequence[Any] | None = None,
 ) -> Comparison:
-    """Accuracy of both conditions, their paired difference (edit - base) and percentile bootstrap
-    95% intervals over items (every resample draws the same items for both conditions)."""
+    """Accuracy of both conditions and their paired difference (edit - base), with 95% intervals.
+
+    Right/wrong outcomes of independent items (``clusters`` None): exact binomial intervals and the
+    exact McNemar test. ``clusters`` (one id per item): a cluster bootstrap of ``resamples`` (seeded)
+    and the exact sign test over clusters. Outcomes between 0 and 1 (a mean over controls) without
+    clusters: each item is its own cluster. No interval is ever zero-width (docs/methods/statistics.md).
+    """
     base = np.asarray(correct_base, dtype=np.float64)
     edit = np.asarray(correct_edit, dtype=np.float64)
     if base.shape != edit.shape or base.ndim != 1 or base.size == 0:
         raise ValueError("compare needs two equally long, non-empty sequences of per-item outcomes")
-    idx = bootstrap_indices(base.size, resamples, seed)
-    b, e = base[idx].mean(axis=1), edit[idx].mean(axis=1)
+    n = int(base.size)
+    binary = bool(np.all((base == 0) | (base == 1)) and np.all((edit == 0) | (edit == 1)))
+    gained = int(np.clip(edit - base, 0, None).sum().round()) if not binary else int(((edit == 1) & (base == 0)).sum())
+    lost = int(np.clip(base - edit, 0, None).sum().round()) if not binary else int(((edit == 0) & (base == 1)).sum())
+    if clusters is None and binary:
+        ci_b = stats.accuracy_interval(base)
+        ci_e = stats.accuracy_interval(edit)
+        paired = stats.mcnemar(base, edit)
+        diff, p_value, test = paired.difference, paired.p_value, "exact McNemar"
+        method = f"{ci_b.method} (accuracies); {diff.method} (difference)"
+        n_clusters = None
+    else:
+        groups = list(clusters) if clusters is not None else list(range(n))
+        kw = {"resamples": int(resamples), "seed": int(seed)}
+        ci_b = stats.cluster_accuracy(base, groups, **kw)
+        ci_e = stats.cluster_accuracy(edit, groups, **kw)
+        diff = stats.cluster_difference(base, edit, groups, **kw)
+        sign = stats.sign_test(base, edit, groups)
+        p_value = sign.p_value
+        test = "exact sign test over clusters" if clusters is not None else "exact sign test over items"
+        method = f"{diff.method}"
+        n_clusters = int(diff.clusters) if clusters is not None else None
     return Comparison(
-        n=int(base.size),
+        n=n,
         accuracy_base=float(base.mean()),
         accuracy_edit=float(edit.mean()),
         difference=float(edit.mean() - base.mean()),
-        ci_base=_interval(b),
-        ci_edit=_interval(e),
-        ci_difference=_interval(e - b),
-        gained=int(((edit == 1) & (base == 0)).sum()),
-        lost=int(((edit == 0) & (base == 1)).sum()),
+        ci_base=_pair(ci_b),
+        ci_edit=_pair(ci_e),
+        ci_difference=_pair(diff),
+        gained=gained,
+        lost=lost,
         bootstrap=int(resamples),
         seed=int(seed),
+        clusters=n_clusters,
+        units=n_clusters if n_clusters is not None else n,
+        p_value=float(p_value),
+        test=test,
+        ci_method=method,
     )
 
 
@@ -285,8 +342,15 @@ class EvalResult:
         return self.acc.difference
 
     @property
+    def clusters(self) -> list[Any] | None:
+        """The cluster of every item (None where the items are the independent units)."""
+        if "cluster" not in self.items or self.items["cluster"].isna().any():
+            return None
+        return list(self.items["cluster"])
+
+    @property
     def ci(self) -> tuple[float, float]:
-        """95% bootstrap interval of the accuracy difference (edit - base)."""
+        """95% interval of the accuracy difference (edit - base), from :mod:`headmap.stats`."""
         return self.acc.ci_difference
 
     def summary(self) -> dict[str, Any]:
@@ -307,14 +371,17 @@ def evaluate(
     bootstrap: int = DEFAULT_BOOTSTRAP,
     seed: int = 0,
     base: Predictions | None = None,
+    units: str = "auto",
 ) -> EvalResult:
     """Score every item of ``task`` without and with ``edits``; accuracy, paired difference, 95% CI.
 
     ``acc`` (summed log-prob) is the primary metric, ``acc_norm`` (per UTF-8 byte) is also given.
-    Pass ``base`` (from :func:`predict`) to reuse an unedited run.
+    Pass ``base`` (from :func:`predict`) to reuse an unedited run. ``units``: ``auto`` (the items'
+    clusters when they carry them, else the items), ``clusters`` (required) or ``items``.
     """
     if not isinstance(task, Task):
         task = load_task(task)
+    clusters = task.clusters(units)  # items without a cluster fail here, before any scoring
     edits = list(edits)
     if base is None:
         base = predict(model, tokenizer, task, (), batch_size, max_length)
@@ -323,6 +390,7 @@ def evaluate(
     items = pd.DataFrame(
         {
             "id": [it.id for it in task.items],
+            "cluster": [it.cluster for it in task.items],
             "answer": answers,
             "pred_base": base.pred,
             "pred_edit": edit.pred,
@@ -336,6 +404,6 @@ def evaluate(
             "logprobs_edit": [json.dumps([round(x, 6) for x in lp]) for lp in edit.logprobs],
         }
     )
-    acc = compare(items.correct_base, items.correct_edit, bootstrap, seed)
-    norm = compare(base.correct(answers, True), edit.correct(answers, True), bootstrap, seed)
+    acc = compare(items.correct_base, items.correct_edit, bootstrap, seed, clusters)
+    norm = compare(base.correct(answers, True), edit.correct(answers, True), bootstrap, seed, clusters)
     return EvalResult(task.name, "multiple_choice", acc, items, norm, describe_edits(edits))

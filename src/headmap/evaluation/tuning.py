@@ -98,6 +98,7 @@ def tune(
     bootstrap: int = DEFAULT_BOOTSTRAP,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    units: str = "auto",
 ) -> TuneResult:
     """Choose one factor per head group on ``dev`` only, then report held-out accuracy on ``test``.
 
@@ -112,6 +113,7 @@ def tune(
     """
     dev = dev if isinstance(dev, Task) else load_task(dev)
     test = test if isinstance(test, Task) else load_task(test)
+    test.clusters(units)  # items without a cluster, when the statistics need one, fail before any scoring
     if Path(dev.path).resolve() == Path(test.path).resolve() and dev.path:
         raise OptionError("the dev and test tasks are the same file; tune on a dev split and report on another")
     dev_keys = {(it.context, tuple(it.options)) for it in dev.items}
@@ -161,6 +163,6 @@ def tune(
     specs = [
         t.replace("{f}", _number(f)) if isinstance(t, str) else repr(t) for t, f in zip(templates, chosen, strict=True)
     ]
-    result = evaluate(model, tokenizer, test, edits_for(chosen), batch_size, max_length, bootstrap, seed)
+    result = evaluate(model, tokenizer, test, edits_for(chosen), batch_size, max_length, bootstrap, seed, units=units)
     result.edits = specs
     return TuneResult(pd.DataFrame(rows), chosen, specs, result, dev.name, test.name)
