@@ -44,6 +44,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from .errors import OutputError
 
@@ -164,13 +165,15 @@ def make_dir(path: Path) -> Path:
     return Path(path)
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file renamed into place (mode ``0666 & ~umask``)."""
+def write_file(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` atomically: ``write(fh)`` fills a temporary file beside it (mode ``0666 & ~umask``),
+    which is flushed to disk and renamed into place; on any error the old file stays and no temporary
+    is left. Every file headmap writes goes through here."""
     path = Path(path)
     fd, tmp = temp_file(path.parent, f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -178,6 +181,11 @@ def write_text(path: Path, text: str) -> Path:
         if os.path.lexists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`write_file`)."""
+    return write_file(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def fsync_dir(folder: Path) -> None:

@@ -231,7 +231,7 @@ def compress_command(
     from ..models import load_model, max_positions
     from ..presses import parse_press
     from ..presses.base import check_model
-    from ..rundir import check_writable, write_text
+    from ..rundir import check_writable, write_file, write_text
 
     ratios = parse_ratios(ratio)
     if limit < 1:
@@ -263,7 +263,7 @@ def compress_command(
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(target, index=False)
+    write_file(target, lambda fh: pd.DataFrame(rows).to_parquet(fh, index=False))
     summary = summarize(rows)
     write_text(
         out / "compress.json", json.dumps({"model": loaded.model_id, "task": task, "summary": summary}, indent=2)

@@ -5,7 +5,6 @@ the scoring, and the files written to ``--out``. The command line only parses an
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from .. import stats
 from ..corpus import parse_spec
 from ..errors import OptionError, OutputError, TaskError
 from ..models import load_model, pad_id
-from ..rundir import check_writable
+from ..rundir import check_writable, write_file, write_text
 from . import heldout
 from .controls import DEFAULT_CONTROLS, MATCHES, RandomControls, draw_controls, random_head_controls
 from .editing import build_edits, prepare_edits
@@ -62,20 +61,9 @@ def write_results(out: Path, items: Any, summary: dict[str, Any], extra: dict[st
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, frame in {"items": items, **(extra or {})}.items():
-        for suffix in (".csv", ".parquet"):
-            path = out / f"{name}{suffix}"
-            tmp = path.with_name(f".{path.name}.tmp")
-            if suffix == ".csv":
-                frame.to_csv(tmp, index=False)
-            else:
-                frame.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
-            written.append(path)
-    path = out / "summary.json"
-    tmp = path.with_name(".summary.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    written.append(path)
+        written.append(write_file(out / f"{name}.csv", lambda fh, f=frame: f.to_csv(fh, index=False)))
+        written.append(write_file(out / f"{name}.parquet", lambda fh, f=frame: f.to_parquet(fh, index=False)))
+    written.append(write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n"))
     return written
 
 

@@ -8,7 +8,6 @@ each through a temporary file renamed into place, so a failure leaves what was i
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import pandas as pd
 
 from ..errors import CorpusError, OptionError, OutputError
 from ..models import load_model
-from ..rundir import check_writable, write_text
+from ..rundir import check_writable, write_file, write_text
 from .api import METHODS, explain_and_measure, resolve_methods
 from .integrated_gradients import IntegratedGradients
 from .page import write_page
@@ -74,14 +73,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_file(path, lambda fh: frame.to_parquet(fh, index=False))
 
 
 def run_explain(

@@ -35,11 +35,11 @@ import shutil
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ from ..rundir import (
     make_dir,
     os_error_text,
     staging_name,
-    temp_file,
+    write_file,
 )
 
 STATE_FILE = CHECKPOINT_FILE
@@ -247,20 +247,6 @@ def differences(old: dict[str, Any] | None, new: dict[str, Any], theirs: str = "
 # -- on disk -------------------------------------------------------------------------------------
 
 
-def _write_file(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a temporary file flushed to disk and renamed into place."""
-    fd, tmp = temp_file(path.parent, f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
 def write(
     folder: Path,
     done: int,
@@ -292,8 +278,8 @@ def write(
             arrays[f"p{i}.{key}"] = np.asarray(value)
 
     def fill(into: Path) -> None:
-        _write_file(into / STATE_FILE, lambda fh: np.savez(fh, **arrays))
-        _write_file(into / PROGRESS_FILE, lambda fh: fh.write(text.encode("utf-8")))
+        write_file(into / STATE_FILE, lambda fh: np.savez(fh, **arrays))
+        write_file(into / PROGRESS_FILE, lambda fh: fh.write(text.encode("utf-8")))
 
     stage = None
     try:
