@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import NumericalError
 from .block import Block, QKView
 from .mask import LazyMask, as_block_mask
-from .registry import active, context_for
+from .registry import context_for
 from .towers import tower_of
 
 DEFAULT_BUDGET_BYTES = 64 * 2**20
@@ -228,8 +228,7 @@ def headmap_attention_forward(
     probes = ctx.probes if ctx is not None else ()
     edits = ctx.edits_for(layer) if ctx is not None else ()
     check_finite = ctx.check_finite if ctx is not None else False
-    owner = next((s.model for s in active() if s.owns(module)), None) if ctx is not None else None
-    tower, is_cross = tower_of(module, owner)
+    tower, is_cross = tower_of(module, ctx.model if ctx is not None else None)
 
     item_start = (
         masks.item_start().to(device)

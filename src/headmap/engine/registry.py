@@ -55,6 +55,7 @@ class CallContext:
     probes: tuple
     edits: tuple
     check_finite: bool = False
+    model: nn.Module | None = None  # the model of the first session that owns the module
 
     def edits_for(self, layer: int) -> tuple:
         return tuple(e for e in self.edits if e.applies_to_layer(layer))
@@ -71,4 +72,4 @@ def context_for(module: nn.Module, heads: int, kv_heads: int) -> CallContext | N
     probes = tuple(p for s in owners for p in s.probes)
     edits = tuple(e for s in owners for e in s.edits)
     check = any(getattr(s, "check_finite", False) for s in owners)
-    return CallContext(layer=layer, probes=probes, edits=edits, check_finite=check)
+    return CallContext(layer=layer, probes=probes, edits=edits, check_finite=check, model=owners[0].model)
