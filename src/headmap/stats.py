@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import OptionError, TaskError
+from .specs import is_whole
 
 LEVEL = 0.95
 DEFAULT_RESAMPLES = 2000
@@ -372,7 +373,7 @@ def mcnemar_counts(gained: int, lost: int, n: int, level: float = LEVEL) -> Pair
     the ``gained + lost`` discordant pairs with p = 1/2 (b = 0, c = 3 gives p = 0.25); the interval
     of the difference ``(gained - lost) / n`` is Bonett-Price's adjusted Wald."""
     for name, v in (("gained", gained), ("lost", lost), ("n", n)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0:
+        if not is_whole(v) or v < 0:
             raise OptionError(f"{name} must be a whole number >= 0 (got {v!r})")
     if n == 0:
         raise OptionError("a paired comparison needs at least one item (got n = 0)")
@@ -436,9 +437,9 @@ def _effective_n(values: np.ndarray, boot: np.ndarray, k: int) -> tuple[float, f
 
 
 def _check_resamples(resamples: int, seed: int) -> None:
-    if isinstance(resamples, bool) or not isinstance(resamples, int | np.integer) or resamples < 100:
+    if not is_whole(resamples) or resamples < 100:
         raise OptionError(f"the bootstrap needs at least 100 resamples (got {resamples!r}); the default is 2000")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+    if not is_whole(seed):
         raise OptionError(f"the bootstrap seed must be a whole number (got {seed!r})")
 
 

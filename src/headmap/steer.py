@@ -15,6 +15,7 @@ from typing import Any
 
 from .edits import Edit, make_edits
 from .engine.session import Session
+from .specs import is_whole
 
 
 def prepare(edits: Iterable[Edit], tokenizer: Any, prompt: str | None = None) -> None:
@@ -88,7 +89,7 @@ def compare(
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise OptionError("--prompt is empty; give the text to continue")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_whole(max_new_tokens) or max_new_tokens < 1:
         raise OptionError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     objs = make_edits(edits, atlas=atlas)
     if isinstance(model, str) or model is None:

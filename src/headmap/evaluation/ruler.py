@@ -33,6 +33,7 @@ from typing import Any
 
 from ..corpus import shipped_text
 from ..errors import OptionError, TaskError
+from ..specs import is_whole
 
 TASKS = (
     "niah_single",
@@ -453,7 +454,7 @@ def _check_lengths(lengths: Sequence[int], max_length: int | None) -> list[int]:
         lengths = [lengths]
     out = []
     for length in lengths:
-        if isinstance(length, bool) or not isinstance(length, int) or length < MIN_LENGTH:
+        if not is_whole(length) or length < MIN_LENGTH:
             raise OptionError(f"every length must be a whole number of tokens >= {MIN_LENGTH} (got {length!r})")
         if max_length is not None and length > max_length:
             raise OptionError(
@@ -507,11 +508,11 @@ def generate(
     """
     if task not in TASKS:
         raise OptionError(f"unknown RULER-style task {task!r}; choose one of: {', '.join(TASKS)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_whole(n) or n < 1:
         raise OptionError(f"the number of items must be a whole number >= 1 (got {n!r})")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_whole(seed):
         raise OptionError(f"the seed must be a whole number (got {seed!r})")
-    if isinstance(per_haystack, bool) or not isinstance(per_haystack, int) or per_haystack < 1:
+    if not is_whole(per_haystack) or per_haystack < 1:
         raise OptionError(f"per_haystack must be a whole number >= 1 (got {per_haystack!r})")
     if echo and task not in ECHO_TASKS:
         raise OptionError(

@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import OutputError
-from ..models import device_text
+from ..errors import ModelError, OutputError
+from ..models import device_text, model_shape
 from ..rundir import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -114,21 +114,11 @@ def corpus_signature(samples: Sequence[Any]) -> str:
 
 
 def _config_counts(config: Any) -> dict[str, Any]:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-
-    def first(*names: str) -> Any:
-        for name in names:
-            value = getattr(text, name, None)
-            if value is not None:
-                return value
-        return None
-
-    heads = first("num_attention_heads", "n_head", "num_heads")
-    return {
-        "layers": first("num_hidden_layers", "n_layer", "num_layers"),
-        "heads": heads,
-        "kv_heads": first("num_key_value_heads", "num_kv_heads") or heads,
-    }
+    """Layers, heads and kv heads for the fingerprint (None each when the config does not say)."""
+    try:
+        return model_shape(config)._asdict()
+    except ModelError:
+        return {"layers": None, "heads": None, "kv_heads": None}
 
 
 def fingerprint(
