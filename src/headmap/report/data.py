@@ -96,7 +96,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _shape(atlas: Atlas) -> tuple[int, int, int | None]:
+def atlas_shape(atlas: Atlas) -> tuple[int, int, int | None]:
     arch = atlas.meta.get("architecture") or {}
     layers = arch.get("layers") or 0
     heads = arch.get("heads") or 0
@@ -145,7 +145,7 @@ def categories(atlas: Atlas) -> tuple[list[str], np.ndarray, dict[tuple[int, int
     A head gets every category whose rule holds (``CATEGORY_RULES``); its main category is the
     first of them, or ``mixed`` when none holds. Rules whose metric the run lacks are skipped.
     """
-    layers, heads, _ = _shape(atlas)
+    layers, heads, _ = atlas_shape(atlas)
     names = [rule[0] for rule in CATEGORY_RULES] + [OTHER]
     main = np.full((layers, heads), len(names) - 1, dtype=np.int64)
     tags: dict[tuple[int, int], list[str]] = {}
@@ -538,7 +538,7 @@ def _card(atlas: Atlas, layers: int, heads: int, kv_heads: Any) -> list[list[str
 
 def report_data(atlas: Atlas) -> dict[str, Any]:
     """The JSON-ready content of the report (see the module docstring for its bounds)."""
-    layers, heads, kv_heads = _shape(atlas)
+    layers, heads, kv_heads = atlas_shape(atlas)
     notes: list[str] = []
     per_sample, texts = _token_views(atlas)
     meta = atlas.meta

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..atlas import Atlas
 from ..errors import OutputError
-from .data import _shape, report_data
+from .data import atlas_shape, report_data
 
 DPI = 300
 SINGLE_COLUMN_IN = (3.5, 3.0)
@@ -126,7 +126,7 @@ def write_pngs(atlas: Atlas, folder: Path) -> list[Path]:
     except OSError as exc:
         raise OutputError(f"cannot create --png folder {folder}: {exc.strerror or exc}") from exc
     data = report_data(atlas)
-    layers, heads, _ = _shape(atlas)
+    layers, heads, _ = atlas_shape(atlas)
     written: list[Path] = []
     used: set[str] = set()
     try:
