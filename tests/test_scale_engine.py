@@ -78,15 +78,9 @@ def test_no_host_sync_between_blocks(monkeypatch):
     k = torch.randn(1, 4, 64, 16)
     module = torch.nn.Module()
     module.is_causal = True
-    from headmap.engine.registry import context_for  # noqa: F401  (the engine's context lookup)
+    from headmap.engine.registry import CallContext  # the engine's context of one attention call
 
-    class Ctx:
-        layer, probes, edits, check_finite = 0, (), (), True
-
-        def edits_for(self, layer):
-            return ()
-
-    monkeypatch.setattr(attention, "context_for", lambda *a: Ctx())
+    monkeypatch.setattr(attention, "context_for", lambda *a: CallContext(0, (), (), check_finite=True))
     monkeypatch.setattr(attention.CONFIG, "budget_bytes", 4 * 8 * 64 * 4 * 3)  # 8 rows a block: 8+ blocks
     blocks = list(attention._row_blocks(1, 4, 64, 64, True, 0))
     assert len(blocks) >= 5
