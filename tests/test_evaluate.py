@@ -547,3 +547,35 @@ def test_eval_and_tune_refuse_an_unwritable_out_before_the_model_loads(
         assert_refused(code, err, "--out", needle)
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert (tmp_path / "a-file").read_text() == "not a folder\n"
+
+
+def test_options_of_a_long_context_read_it_once_and_score_as_before(tiny, monkeypatch):
+    """Options of one context of >= SHARED_MIN_CONTEXT tokens read the context once (one forward over it,
+    then every option on a copy of its KV cache): the scores equal the one-pass-per-option ones, with and
+    without edits, for options of different lengths (right padding in the shared pass)."""
+    from headmap.evaluation import scoring
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    context = " ".join(words[(3 * k) % len(words)] for k in range(90)) + ". The answer is"
+    items = [TaskItem(id="long", context=context, options=[" 7", " 12 34", " seven hundred and two", " x"], answer=0)]
+    calls = []
+    forward = type(tiny.model).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(int(kwargs["input_ids"].shape[1]))
+        return forward(self, *args, **kwargs)
+
+    for edits in ([], [ZeroHeads(heads=[(0, 1), (1, 0)])]):
+        monkeypatch.setattr(scoring, "SHARED_MIN_CONTEXT", 10**9)  # off: one pass per option
+        plain = score_options(tiny.model, tiny.tokenizer, items, edits=edits)
+        monkeypatch.setattr(scoring, "SHARED_MIN_CONTEXT", 64)
+        monkeypatch.setattr(type(tiny.model), "forward", counting)
+        calls.clear()
+        shared = score_options(tiny.model, tiny.tokenizer, items, edits=edits)
+        monkeypatch.setattr(type(tiny.model), "forward", forward)
+        n_ctx = calls[0]
+        assert n_ctx >= 64 and calls[1:] == [3]  # the context once, then all options at once (longest: 4 tokens)
+        # the same sums in another order: keys up to ~100, continuation of at most 4 tokens
+        np.testing.assert_allclose(shared[0], plain[0], rtol=0, atol=4 * 2 * batch_bound(128))
+    # the ablation still changes the scores on the shared path
+    assert not np.allclose(shared[0], score_options(tiny.model, tiny.tokenizer, items)[0])

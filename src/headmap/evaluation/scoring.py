@@ -86,12 +86,18 @@ def score_token_pairs(
     edits: Sequence = (),
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_length: int | None = None,
+    share_context: bool = True,
 ) -> list[Continuation]:
     """Sum log-prob of each continuation's tokens given its context (token ids), in batches.
 
     Batches are left-padded, with position ids counted from each row's first real token, so a
     score does not depend on what else is in the batch. Inputs longer than ``max_length`` lose
     the start of their context.
+
+    With ``share_context`` (default), continuations of one long context (the options of a
+    multiple-choice item) read the context once: one forward pass over it with a KV cache, then
+    every continuation on a copy of that cache. The same attention, in another order of
+    summation; :data:`SHARED_MIN_CONTEXT` sets how long a context must be for this.
     """
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -106,9 +112,15 @@ def score_token_pairs(
                 raise TaskError(f"a continuation of {len(cont)} tokens does not fit --max-length {max_length}")
             ids = ids[len(ids) - max_length :]
         rows.append((ids, list(cont)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
     out: list[Continuation | None] = [None] * len(rows)
+    shared = _shared_contexts(model, pairs, rows, share_context)
+    order = sorted(
+        (i for i in range(len(rows)) if i not in shared), key=lambda i: -len(rows[i][0])
+    )  # similar lengths share a batch
     with torch.no_grad(), engine_with(model, edits):
+        for ctx, members in _groups(pairs, shared):
+            for i, c in zip(members, _score_shared(model, ctx, [rows[i][1] for i in members], device), strict=True):
+                out[i] = c
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             tail = max(len(rows[i][1]) for i in chunk)  # positions whose logits are read
@@ -119,13 +131,65 @@ def score_token_pairs(
             logp = torch.log_softmax(logits[:, -tail:].float(), dim=-1)
             for r, i in enumerate(chunk):
                 cont = rows[i][1]
-                n = len(cont)
-                target = torch.tensor(cont, dtype=torch.long, device=device)
-                lp = logp[r, tail - n :]  # the last n positions predict the continuation's n tokens
-                picked = lp.gather(-1, target[:, None]).squeeze(-1)
-                greedy = bool((lp.argmax(dim=-1) == target).all())
-                out[i] = Continuation(float(picked.double().sum()), greedy, n)
+                # the last len(cont) positions predict the continuation's tokens
+                out[i] = _continuation(logp[r, tail - len(cont) :], cont, device)
     return [c for c in out if c is not None]
+
+
+SHARED_MIN_CONTEXT = 64  # context tokens from which continuations sharing it read it once
+
+
+def _shared_contexts(model: torch.nn.Module, pairs: Sequence, rows: Sequence, share: bool) -> set[int]:
+    """Indices of the pairs scored through a shared context: two or more continuations of the same
+    untruncated context of at least SHARED_MIN_CONTEXT tokens, on a model with a KV cache."""
+    if not share or not getattr(getattr(model, "config", None), "use_cache", False):
+        return set()
+    seen: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        if len(ctx) >= SHARED_MIN_CONTEXT and len(rows[i][0]) == len(ctx) + len(cont) - 1:
+            seen.setdefault(tuple(ctx), []).append(i)
+    return {i for members in seen.values() if len(members) > 1 for i in members}
+
+
+def _groups(pairs: Sequence, shared: set[int]) -> list[tuple[list[int], list[int]]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in sorted(shared):
+        groups.setdefault(tuple(pairs[i][0]), []).append(i)
+    return [(list(ctx), members) for ctx, members in groups.items()]
+
+
+def _continuation(logp: torch.Tensor, cont: list[int], device: torch.device) -> Continuation:
+    target = torch.tensor(cont, dtype=torch.long, device=device)
+    picked = logp.gather(-1, target[:, None]).squeeze(-1)
+    greedy = bool((logp.argmax(dim=-1) == target).all())
+    return Continuation(float(picked.double().sum()), greedy, len(cont))
+
+
+def _score_shared(
+    model: torch.nn.Module, ctx: list[int], conts: list[list[int]], device: torch.device
+) -> list[Continuation]:
+    """Continuations of one context: the context once (with a cache), then all continuations at once."""
+    ids = torch.tensor([ctx], dtype=torch.long, device=device)
+    first = model(input_ids=ids, use_cache=True, **logits_to_keep(model))
+    head = torch.log_softmax(first.logits[:, -1].float(), dim=-1)[0]  # predicts every continuation's first token
+    width = max(len(c) for c in conts) - 1
+    rest = None
+    if width > 0:
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(len(conts))
+        body = torch.tensor([c[:-1] + [c[0]] * (width - len(c) + 1) for c in conts], dtype=torch.long, device=device)
+        # right padding only: a padded position comes after every real one, so no real one reads it
+        mask = torch.ones(len(conts), len(ctx) + width, dtype=torch.long, device=device)
+        pos = torch.arange(len(ctx), len(ctx) + width, device=device).expand(len(conts), width)
+        logits = model(
+            input_ids=body, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+        ).logits
+        rest = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for r, cont in enumerate(conts):
+        lp = head[None] if rest is None else torch.cat([head[None], rest[r, : len(cont) - 1]], dim=0)
+        out.append(_continuation(lp[: len(cont)], cont, device))
+    return out
 
 
 def score_options(
