@@ -390,6 +390,12 @@ def test_cli_eval_with_an_edit_and_random_controls(tiny_llama_dir, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "base" in proc.stdout and "random 1" in proc.stdout and "acc_norm" in proc.stdout
+    # progress on stderr, one line per condition: base, edited, then each control
+    progress = [line for line in proc.stderr.splitlines() if line.startswith(("base:", "condition "))]
+    assert progress[0].startswith(f"base: {len(ITEMS)} items")
+    assert [line.split(":")[0] for line in progress[1:]] == [
+        "condition 1/3 (edited)", "condition 2/3 (control 1/2)", "condition 3/3 (control 2/2)"
+    ]  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["acc"]["n"] == len(ITEMS) and len(summary["random_controls"]) == 2
     assert summary["edits"] == ["ablate(mode=zero) on 2 heads: L0H1, L1H2"]

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .app import app, console
+from .app import app, console, err
 
 EDIT_HELP = (
     "an edit as NAME:key=value:key=value (repeat --edit for several), e.g. ablate:heads=[[18,6]]:mode=zero or "
@@ -155,6 +155,7 @@ def eval_command(
         control_heads=control_heads,
         allow_overlap=allow_overlap,
         power_effect=power_effect,
+        progress=lambda line: err.print(line, highlight=False, markup=False),
     )
     result = run.result
     console.print(f"[bold]{run.model_id}[/] on {result.task}: {run.what}", highlight=False)

@@ -5,6 +5,8 @@ the scoring, and the files written to ``--out``. The command line only parses an
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,7 @@ def run_eval(
     control_heads: str = "layer",
     allow_overlap: bool = False,
     power_effect: float | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> EvalRun:
     """``headmap eval``: accuracy on ``task`` without and with ``edits`` (specs), and ``random_heads``
     random-head controls (default: 20 when the edits name heads, drawn from the same layers; 0 otherwise).
@@ -115,7 +118,9 @@ def run_eval(
     the check is recorded in the summary. ``power_effect``: also report how many items a paired
     comparison needs to detect a difference of that size with 80% power at the base accuracy and
     discordance measured here (:func:`stats.paired_sample_size`). Every option, the task, the edits
-    and ``out`` are checked before the model loads; the edits are bound to the model before any scoring."""
+    and ``out`` are checked before the model loads; the edits are bound to the model before any scoring.
+    ``progress`` receives one line as each condition (base, edited, every control) is done."""
+    say = progress or (lambda _msg: None)
     specs = list(edits or [])
     if random_heads is not None and random_heads < 0:
         raise OptionError(f"--random-heads must be 0 or more (got {random_heads})")
@@ -162,9 +167,11 @@ def run_eval(
             checks.append(heldout.check(atlas_side, side, allow_overlap))
         if units == "clusters" and any(s.info.get("cluster") is None for s in needles.samples):
             raise TaskError("the needle inputs have no cluster ids (field 'cluster'); use --units items")
+        started = time.perf_counter()
         base = greedy_answers(lm.model, needles.samples, pad_id(lm.tokenizer), (), batch)
+        say(f"base: {len(needles)} needle inputs, {time.perf_counter() - started:.1f} s")
 
-        def score(edits: list) -> EvalResult:
+        def score_one(edits: list) -> EvalResult:
             return needle_accuracy(
                 lm.model, lm.tokenizer, edits, task, length, limit, seed, batch, bootstrap, base, needles, units
             )
@@ -178,9 +185,11 @@ def run_eval(
                 side = heldout.from_items(task_obj.items, f"task {task}")
                 checks.append(heldout.check(atlas_side, side, allow_overlap))
         assert task_obj is not None
+        started = time.perf_counter()
         base_pred = predict(lm.model, lm.tokenizer, task_obj, (), batch_size, max_length)
+        say(f"base: {len(task_obj)} items, {time.perf_counter() - started:.1f} s")
 
-        def score(edits: list) -> EvalResult:
+        def score_one(edits: list) -> EvalResult:
             return evaluate(
                 lm.model,
                 lm.tokenizer,
@@ -195,6 +204,20 @@ def run_eval(
             )
 
         what = f"{len(task_obj)} items; acc = option with the highest summed log-probability"
+    done = [0]
+    conditions = 1 + len(draws)
+
+    def score(edits: list) -> EvalResult:
+        started = time.perf_counter()
+        out = score_one(edits)
+        done[0] += 1
+        name = "edited" if done[0] == 1 else f"control {done[0] - 1}/{len(draws)}"
+        say(
+            f"condition {done[0]}/{conditions} ({name}): accuracy {out.acc.accuracy_edit:.3f}, "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+        return out
+
     result = score(edit_objs)
     summary: dict[str, Any] = {
         "model": lm.model_id,
