@@ -15,10 +15,11 @@ multiple of the logits' magnitude rather than a constant, which this edit does n
 The span is [start, end) token positions inside the input (0 = its first real token), or a piece of
 the prompt's text: :func:`find_span` maps it to the tokens that overlap it, with the tokenizer's
 character offsets (the first occurrence), or ``image``: the image tokens of a vision-language model's
-input, where its input ids hold the image token id of the model's config (the ids of the model's last
-forward call that starts a sequence, recorded by a forward pre-hook while a session holds the edit, or
-given with :meth:`SpanEdit.set_inputs`). An input without an image token is refused (EditError) before
-the model computes anything. To target the word "image" in a prompt, give its token positions.
+input in its language model (blocks of the ``text`` tower; vision towers are left as they are), where
+its input ids hold the image token id of the model's config (the ids of the model's last forward call
+that starts a sequence, recorded by a forward pre-hook while a session holds the edit, or given with
+:meth:`SpanEdit.set_inputs`). An input without an image token is refused (EditError) before the model
+computes anything. To target the word "image" in a prompt, give its token positions.
 """
 
 from __future__ import annotations
@@ -177,6 +178,12 @@ class SpanEdit(Edit):
     def span_columns(self, block: Block) -> torch.Tensor:
         """[B, bk] bool: key columns inside the span."""
         if self.is_image_span:
+            if block.tower != "text" or block.is_cross:  # the image tokens are positions of the language model
+                return torch.zeros(
+                    (block.query_valid.shape[0], block.k_end - block.k_start),
+                    dtype=torch.bool,
+                    device=block.k_pos.device,
+                )
             if self._ids is None:
                 raise EditError(f"{self.name}: span=image but no input ids seen yet; run the model with input_ids")
             image = self._ids.to(block.k_pos.device) == self.image_token_id
