@@ -3,11 +3,14 @@ hidden states, and planted heads (tiny random VLMs of tests/mm_models.py)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
-from bounds import ATTENTION_STAGES, reorder
+from bounds import ATTENTION_STAGES, U64, reorder
 from mm_models import BY_NAME, HEAD_DIM, IMAGE_TOKEN
+from test_architectures import float64_eager_softmax
 from test_multimodal_probes import planted_llava, tiny_budget, visible_text_mask  # noqa: F401 - a fixture
 
 import headmap
@@ -20,8 +23,14 @@ from headmap.probes import ReceivedProbe, VisionAwareProbe, VisualSinksProbe, ma
 PROB_STAGES = (ATTENTION_STAGES + 1) * 4
 
 
-def prob_tol(keys: int) -> float:
-    return reorder(max(keys, HEAD_DIM), PROB_STAGES)
+def prob_tol(keys: int, u: float = 2.0**-24) -> float:
+    return reorder(max(keys, HEAD_DIM), PROB_STAGES, u=u)
+
+
+def in_float64(model, inputs):
+    """The model and its inputs in float64 (eager then needs float64_eager_softmax for a float64 reference)."""
+    model = copy.deepcopy(model).double()
+    return model, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,10 +82,17 @@ def run_visual_sinks(model, inputs, probe):
     return ref, out
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("which, lam", [("llava", 2.0), ("planted", 5.0)])
-def test_visual_sinks_equal_brute_force(which, lam, tiny_budget):  # noqa: F811
+def test_visual_sinks_equal_brute_force(which, lam, dtype, tiny_budget):  # noqa: F811
+    """float32: within the engine-vs-eager bound; float64 (eager with a float64 softmax): within the same chain at
+    float64 rounding, far below 1e-6."""
     model, inputs = BY_NAME["llava"].build() if which == "llava" else planted_sink_llava()
-    with torch.no_grad():
+    u = 2.0**-24
+    if dtype == "float64":
+        model, inputs = in_float64(model, inputs)
+        u = U64
+    with torch.no_grad(), float64_eager_softmax():
         ref = model(**inputs, output_attentions=True, output_hidden_states=True)
     # tau in the widest gap between image tokens' phi at layer 1 (in the middle half for the random model, which
     # has no sink by the paper's tau), so that some image tokens are sinks and others are not
@@ -101,7 +117,9 @@ def test_visual_sinks_equal_brute_force(which, lam, tiny_budget):  # noqa: F811
     assert drift < 1e-4
     keys = inputs["input_ids"].shape[1]
     n_image = int((inputs["input_ids"] == IMAGE_TOKEN).sum(-1).max())
-    tol = n_image * prob_tol(keys)
+    tol = n_image * prob_tol(keys, u)
+    if dtype == "float64":
+        assert tol < 1e-10
     got = probe.values()
     sinks = probe.sinks()
     total = 0
@@ -320,18 +338,24 @@ def brute_received_by_modality(attn, inputs, name):
     return out
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", ["llava", "paligemma"])
-def test_received_by_modality_equals_brute_force(name, tiny_budget):  # noqa: F811
+def test_received_by_modality_equals_brute_force(name, dtype, tiny_budget):  # noqa: F811
     model, inputs = BY_NAME[name].build()
+    u = 2.0**-24
+    if dtype == "float64":
+        model, inputs = in_float64(model, inputs)
+        u = U64
     probe = ReceivedProbe(modality=True)
     with torch.no_grad():
-        ref = model(**inputs, output_attentions=True).attentions
+        with float64_eager_softmax():
+            ref = model(**inputs, output_attentions=True).attentions
         probe.set_inputs(inputs["input_ids"])
         with headmap.observe(model, probes=[probe]):
             model(**inputs)
     assert probe.image_token_id == IMAGE_TOKEN
     keys = inputs["input_ids"].shape[1]
-    tol = prob_tol(keys)  # a mean of probabilities, each within the bound
+    tol = prob_tol(keys, u)  # a mean of probabilities, each within the bound
     rows = probe.head_rows()
     got = {(r["metric"], r["layer"], r["head"]): r["value"] for r in rows}
     assert all(r["n"] == 3 for r in rows)
