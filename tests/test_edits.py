@@ -35,6 +35,8 @@ from headmap.edits import (
     ScaleFirstToken,
     ScaleSpan,
     Temperature,
+    Var,
+    Vhr,
     find_span,
     make_edits,
     parse_rule,
@@ -89,6 +91,8 @@ NEUTRAL = {
     "reinforce_local_factor": lambda: ReinforceLocal(k=3, factor=1.0),
     "reinforce_local_amount": lambda: ReinforceLocal(k=3, amount=0.0),
     "pai": lambda: Pai(alpha=1.0, image_token_id=5),
+    "var": lambda: Var(p=0.0, image_token_id=5),
+    "vhr": lambda: Vhr(heads=[[0, 0], [1, 1]], factor=1.0),
 }
 
 

@@ -22,11 +22,24 @@ from .pai import Pai
 from .sinks import CalibrateSinks, RedistributeSinks
 from .span import ScaleSpan, SpanEdit, find_span
 from .temperature import Temperature
+from .var import Var
+from .vhr import Vhr
 
 #: Edit classes by spec name.
 EDITS: dict[str, type[Edit]] = {
     cls.name: cls
-    for cls in (Ablate, ScaleFirstToken, ScaleSpan, CalibrateSinks, RedistributeSinks, Temperature, ReinforceLocal, Pai)
+    for cls in (
+        Ablate,
+        ScaleFirstToken,
+        ScaleSpan,
+        CalibrateSinks,
+        RedistributeSinks,
+        Temperature,
+        ReinforceLocal,
+        Pai,
+        Var,
+        Vhr,
+    )
 }
 
 #: Constructor arguments a spec cannot set (Python objects).
@@ -92,6 +105,8 @@ __all__ = [
     "ScaleSpan",
     "SpanEdit",
     "Temperature",
+    "Var",
+    "Vhr",
     "find_span",
     "load_atlas",
     "make_edits",

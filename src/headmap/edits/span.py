@@ -14,7 +14,12 @@ multiple of the logits' magnitude rather than a constant, which this edit does n
 
 The span is [start, end) token positions inside the input (0 = its first real token), or a piece of
 the prompt's text: :func:`find_span` maps it to the tokens that overlap it, with the tokenizer's
-character offsets (the first occurrence).
+character offsets (the first occurrence), or ``image``: the image tokens of a vision-language model's
+input in its language model (blocks of the ``text`` tower; vision towers are left as they are), where
+its input ids hold the image token id of the model's config (the ids of the model's last forward call
+that starts a sequence, recorded by a forward pre-hook while a session holds the edit, or given with
+:meth:`SpanEdit.set_inputs`). An input without an image token is refused (EditError) before the model
+computes anything. To target the word "image" in a prompt, give its token positions.
 """
 
 from __future__ import annotations
@@ -23,10 +28,24 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..engine import Block
+from ..engine import Block, active_sessions
 from ..errors import EditError
 from .base import Edit, check_number, positions_in, reweight_rows
+
+#: The span naming a VLM input's image tokens.
+IMAGE_SPAN = "image"
+
+
+def config_image_token_id(model: nn.Module) -> int | None:
+    """The image placeholder id of a VLM's config (``image_token_id`` or ``image_token_index``), or None."""
+    config = getattr(model, "config", None)
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def find_span(tokenizer: Any, prompt: str, text: str, add_special_tokens: bool = True) -> tuple[int, int]:
@@ -83,15 +102,25 @@ class SpanEdit(Edit):
             raise EditError(f"{self.name}: span= is required ([start, end] token positions or a piece of the prompt)")
         self.span = parse_span(span, self.name)
         self.positions: tuple[int, int] | None = self.span if isinstance(self.span, tuple) else None
+        self.image_token_id: int | None = None
+        self._ids: torch.Tensor | None = None
+        self._hook = None
         super().__init__(heads=heads, atlas=atlas)
+
+    @property
+    def is_image_span(self) -> bool:
+        """The span is the input's image tokens (``span=image``)."""
+        return self.span == IMAGE_SPAN
 
     def prepare(self, tokenizer: Any, prompt: str | None = None) -> None:
         """Locate a text span in ``prompt`` (check a positional span fits it); nothing without a prompt."""
-        if prompt is not None:
+        if prompt is not None and not self.is_image_span:
             self.locate(tokenizer, prompt)
 
     def locate(self, tokenizer: Any, prompt: str, add_special_tokens: bool = True) -> tuple[int, int]:
         """Find a text span in ``prompt`` (token positions); check a positional span fits the prompt."""
+        if self.is_image_span:
+            return self.positions  # None: the image tokens are read from the input ids when the model runs
         if isinstance(self.span, str):
             self.positions = find_span(tokenizer, prompt, self.span, add_special_tokens=add_special_tokens)
         else:
@@ -104,17 +133,68 @@ class SpanEdit(Edit):
 
     def bind(self, model) -> None:
         super().bind(model)
+        if self.is_image_span:
+            self.image_token_id = config_image_token_id(model)
+            if self.image_token_id is None:
+                raise EditError(
+                    f"{self.name}: span=image needs a vision-language model, but the model's config names no image "
+                    "token (image_token_id); give [start, end] token positions or a piece of the prompt"
+                )
+            if self._hook is None:
+                self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
+            return
         if self.positions is None:
             raise EditError(
                 f"{self.name}: span {self.span!r} is text; locate it in the prompt first (edit.locate(tokenizer, "
                 "prompt), or headmap.steer(..., tokenizer=, prompt=)), or give [start, end] token positions"
             )
 
+    def set_inputs(self, input_ids: torch.Tensor) -> None:
+        """The [B, T] ids of the sequence the next forward calls extend (``span=image``; the pre-hook records them)."""
+        self._check_image(input_ids)
+        self._ids = input_ids
+
+    def _check_image(self, ids: torch.Tensor) -> None:
+        has = (ids == self.image_token_id).any(dim=-1)
+        if not bool(has.all()):
+            row = int(torch.nonzero(~has)[0, 0])
+            raise EditError(
+                f"{self.name}: span=image, but input {row} has no image token (id {self.image_token_id}) in its ids; "
+                "give an input with an image, or a span of token positions [start, end]"
+            )
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not any(self in s.edits for s in active_sessions()):  # the session that bound us has ended
+            self._hook.remove()
+            self._hook = None
+            return
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        cache = kwargs.get("past_key_values")
+        fresh = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
+        if isinstance(ids, torch.Tensor) and fresh:
+            self._check_image(ids)
+            self._ids = ids
+
     def span_columns(self, block: Block) -> torch.Tensor:
         """[B, bk] bool: key columns inside the span."""
+        if self.is_image_span:
+            if block.tower != "text" or block.is_cross:  # the image tokens are positions of the language model
+                return torch.zeros(
+                    (block.query_valid.shape[0], block.k_end - block.k_start),
+                    dtype=torch.bool,
+                    device=block.k_pos.device,
+                )
+            if self._ids is None:
+                raise EditError(f"{self.name}: span=image but no input ids seen yet; run the model with input_ids")
+            image = self._ids.to(block.k_pos.device) == self.image_token_id
+            pos = block.k_pos
+            inside = pos < image.shape[1]
+            return image[:, pos.clamp(max=image.shape[1] - 1)] & inside[None, :]
         return positions_in(block, *self.positions)
 
     def params(self) -> dict[str, Any]:
+        if self.is_image_span:
+            return {"span": IMAGE_SPAN}
         span = self.span if isinstance(self.span, str) else list(self.span)
         shown = f"{span!r}->{list(self.positions)}" if isinstance(span, str) and self.positions else span
         return {"span": shown}

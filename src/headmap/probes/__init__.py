@@ -26,6 +26,8 @@ from .sink import SinkProbe, sink_rate
 from .sinks import SinksProbe
 from .span import SpanProbe
 from .token import TokenProbe
+from .vision_aware import VisionAwareProbe
+from .visual_sinks import VisualSinksProbe
 from .waad import WaadProbe
 
 #: Probe classes by command-line name.
@@ -49,6 +51,8 @@ PROBES: dict[str, type[Probe]] = {
         AttentionMapsProbe,
         ModalityMassProbe,
         CrossAlignmentProbe,
+        VisualSinksProbe,
+        VisionAwareProbe,
     )
 }
 
@@ -127,6 +131,8 @@ __all__ = [
     "SinksProbe",
     "SpanProbe",
     "TokenProbe",
+    "VisionAwareProbe",
+    "VisualSinksProbe",
     "WaadProbe",
     "default_probe_names",
     "make_probes",

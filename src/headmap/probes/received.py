@@ -10,17 +10,29 @@ Tokens no query can see (the last token of a causal input) have no value and get
 
 This is the basis of attention sinks (``sinks``) and of Future Attention Influence (``fai``);
 see docs/methods/received.md.
+
+Per modality (``received:modality=true``, vision-language models): per query head h, the mean of
+received_h(j) (the formula above before the mean over heads) over the image tokens j of the input, and
+over its text tokens (real tokens that are not image tokens), then the mean over inputs: head rows
+``received_image`` and ``received_text``. Only the language model is read then (blocks of the ``text``
+tower, no cross-attention); image tokens are where the input ids hold the model's image token id (from
+its config, or ``image_token_id``), the ids coming from the batch or :meth:`ReceivedProbe.set_inputs`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..engine import registry
 from ..engine.block import Block
+from ..errors import ProbeError
+from .head import HeadStats
 from .token import Pending, Row, TokenProbe, add_columns, piece, take
 
 
@@ -80,18 +92,130 @@ def layer_mean(values: np.ndarray) -> np.ndarray:
 class ReceivedProbe(TokenProbe):
     """Received attention of every token at every layer (rows ``received``, layer -1 = mean over layers).
 
-    No parameters. Its table holds one row per token and layer.
+    Its table holds one row per token and layer. ``modality=True`` adds, per head, the mean received by
+    image tokens and by text tokens (head rows ``received_image``, ``received_text``).
     """
+
+    #: also report, per head, the attention image tokens and text tokens receive (VLMs)
+    modality: bool = False
+    #: the image token id (``modality``); None: read from the config of the model the engine runs
+    image_token_id: int | None = None
 
     name = "received"
     chunk_keys = ("layers", "received")
 
+    _ids: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.modality, bool):
+            raise ProbeError(f"received modality must be true or false (got {self.modality!r})")
+        tid = self.image_token_id
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int)):
+            raise ProbeError(f"received image_token_id must be a token id (got {tid!r})")
+
+    def params(self) -> dict[str, Any]:
+        return {"modality": True, "image_token_id": self.image_token_id} if self.modality else {}
+
+    def set_inputs(self, input_ids: torch.Tensor) -> None:
+        """The [B, T] input ids of the next forward (``modality`` without a scan's batch)."""
+        self._ids = input_ids
+
+    def update(self, block: Block) -> None:
+        if self.modality and (block.tower != "text" or block.is_cross):
+            return
+        super().update(block)
+
     def _update_block(self, block: Block, pend: Pending) -> None:
-        add_received(block, pend)
+        mass = add_received(block, pend)
+        if self.modality:
+            if self.image_token_id is None:
+                owner = next((s.model for s in registry.active() if s.owns(block.module)), None)
+                config = getattr(owner, "config", None)
+                for key in ("image_token_id", "image_token_index"):
+                    value = getattr(config, key, None)
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        self.image_token_id = value
+                        break
+                else:
+                    raise ProbeError(
+                        "received:modality=true needs an image token id: the model's config has none (is it a "
+                        "vision-language model?); pass received:image_token_id=N"
+                    )
+            add_columns(pend.sums[block.layer], "head_mass", int(block.k_pos[0]), mass)
+            pend.extra.setdefault("kv_heads", {})[block.layer] = block.num_kv_heads
 
     def _close(self, rows: list[Row], pend: Pending) -> dict[str, np.ndarray]:
         layers, values = received_matrix(rows, pend)
-        return {"layers": layers, "received": values}
+        out = {"layers": layers, "received": values}
+        if self.modality:
+            out["received_image"], out["received_text"] = self._by_modality(rows, pend, layers)
+            kv = pend.extra.get("kv_heads", {})
+            out["kv_heads"] = np.array([kv.get(int(layer), 1) for layer in layers], dtype=np.int64)
+            self._ids = None
+        return out
+
+    def _image_flags(self, row: Row, b: int) -> np.ndarray:
+        if row.length and row.ids[0] >= 0:
+            return row.ids == self.image_token_id
+        if self._ids is None:
+            raise ProbeError(
+                "received:modality=true needs the input ids: call begin(batch) or set_inputs(input_ids) first"
+            )
+        ids = self._ids[b, row.start : row.start + row.length].cpu().numpy()
+        return ids == self.image_token_id
+
+    def _by_modality(self, rows: list[Row], pend: Pending, layers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[inputs, L, H] per-head mean received by the image tokens and by the text tokens of each input."""
+        heads = max((pend.heads[int(layer)] for layer in layers), default=0)
+        image = np.full((len(rows), len(layers), heads), np.nan)
+        text = np.full_like(image, np.nan)
+        for li, layer in enumerate(layers):
+            store = pend.sums[int(layer)]
+            mass = store["head_mass"].cpu().numpy()  # [B, H, N]
+            count = store["count"].cpu().numpy()  # [B, N]
+            for b, row in enumerate(rows):
+                m = np.stack([take(mass[:, h], row, b) for h in range(mass.shape[1])])  # [H, T]
+                c = take(count, row, b)
+                seen = c > 0
+                flags = self._image_flags(row, b)
+                r = m / np.maximum(c, 1)
+                for out, keep in ((image, flags & seen), (text, ~flags & seen)):
+                    if keep.any():
+                        out[b, li, : m.shape[0]] = r[:, keep].mean(axis=1)
+        return image, text
+
+    def head_rows(self) -> list[dict[str, Any]]:
+        """Per-modality head rows (``modality``): ``received_image`` and ``received_text``."""
+        if not self.modality:
+            return []
+        stats: dict[tuple[str, int], HeadStats] = {}
+        for chunk in self._chunks:
+            for metric in ("received_image", "received_text"):
+                values = chunk.get(metric)
+                if values is None:
+                    continue
+                for li, layer in enumerate(chunk["layers"]):
+                    key = (metric, int(layer))
+                    if key not in stats:
+                        stats[key] = HeadStats.empty(values.shape[2], int(chunk["kv_heads"][li]))
+                    stats[key].add(values[:, li])
+        rows = []
+        for (metric, layer), st in sorted(stats.items()):
+            group = len(st.total) // st.kv_heads
+            for head, (value, se, n) in enumerate(zip(st.mean(), st.stderr(), st.count, strict=True)):
+                rows.append(
+                    {
+                        "probe": self.name,
+                        "metric": metric,
+                        "layer": layer,
+                        "head": head,
+                        "kv_head": head // group,
+                        "value": float(value),
+                        "stderr": float(se) if not math.isnan(se) else math.nan,
+                        "n": int(n),
+                    }
+                )
+        return rows
 
     def _pieces(self, chunk: Mapping[str, np.ndarray]) -> list[dict]:
         values = chunk["received"]
