@@ -290,3 +290,20 @@ def test_steer_session_raises_on_nan_naming_the_edit():
     with headmap.steer(model, "temperature:heads=[[1,2]]:tau=1e-45"), torch.no_grad():
         with pytest.raises(NumericalError, match=r"layer 1 head 2 is NaN.*temperature\(tau=1e-45\) on 1 head: L1H2"):
             model(input_ids=ids)
+
+
+def test_every_method_page_is_listed_in_the_methods_index():
+    """docs/methods/README.md links every page of docs/methods (and of its presses/ folder), and only pages
+    that exist; every edit and probe has a page of its own name."""
+    root = Path(__file__).parents[1] / "docs" / "methods"
+    index = (root / "README.md").read_text()
+    import re
+
+    linked = set(re.findall(r"\]\(([a-z0-9_/]+\.md)\)", index))
+    pages = {p.relative_to(root).as_posix() for p in root.rglob("*.md")} - {"README.md"}
+    assert pages - linked == set(), "pages missing from docs/methods/README.md"
+    assert linked - pages == set(), "links to pages that do not exist"
+    from headmap.probes import PROBES
+
+    for name in [*headmap.edits.EDITS, *PROBES]:
+        assert f"{name}.md" in pages, name
