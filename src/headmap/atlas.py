@@ -87,6 +87,20 @@ MAPS_SCHEMA = pa.schema(
     ]
 )
 
+#: images.parquet: attention from an input's last token over each image's token grid (probe
+#: ``image_attention``), one row per sample, image, text layer, head and grid cell.
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("sample", pa.int64()),
+        ("image", pa.int64()),
+        ("layer", pa.int64()),
+        ("head", pa.int64()),
+        ("row", pa.int64()),
+        ("col", pa.int64()),
+        ("value", pa.float64()),
+    ]
+)
+
 
 def bin_sizes(length: int, bins: int) -> np.ndarray:
     """[bins] number of positions in each bin of a pooled attention map (the rows and columns of maps.parquet).
@@ -143,6 +157,8 @@ class Atlas:
     tokens: pd.DataFrame = field(default_factory=lambda: empty_frame(TOKENS_SCHEMA))
     #: downsampled attention maps (probe ``attention_maps``): one row per sample, layer, head and cell
     maps: pd.DataFrame = field(default_factory=lambda: empty_frame(MAPS_SCHEMA))
+    #: attention over image token grids (probe ``image_attention``; images.parquet)
+    images: pd.DataFrame = field(default_factory=lambda: empty_frame(IMAGES_SCHEMA))
 
     def top(self, probe: str, k: int = 10, metric: str | None = None, tower: str | None = None) -> pd.DataFrame:
         """The ``k`` heads with the highest value of ``probe`` (its ``metric``, default the probe's own)
@@ -177,6 +193,8 @@ class Atlas:
                 frames.append(("tokens.parquet", self.tokens, TOKENS_SCHEMA))
             if len(self.maps):
                 frames.append(("maps.parquet", self.maps, MAPS_SCHEMA))
+            if len(self.images):
+                frames.append(("images.parquet", self.images, IMAGES_SCHEMA))
             try:
                 with replacing(folder, ours=_is_run_file, last="meta.json") as stage:
                     tables = {}
@@ -212,6 +230,8 @@ class Atlas:
             tokens = pq.read_table(tokens_path).to_pandas() if tokens_path.exists() else empty_frame(TOKENS_SCHEMA)
             maps_path = folder / "maps.parquet"
             maps = pq.read_table(maps_path).to_pandas() if maps_path.exists() else empty_frame(MAPS_SCHEMA)
+            images_path = folder / "images.parquet"
+            images = pq.read_table(images_path).to_pandas() if images_path.exists() else empty_frame(IMAGES_SCHEMA)
         except (OSError, pa.ArrowException) as exc:
             raise OutputError(f"a table in {folder} is missing or corrupt ({exc}); run the scan again") from exc
         missing = set(HEADS_SCHEMA.names) - set(heads.columns)
@@ -220,7 +240,7 @@ class Atlas:
         missing = set(MAPS_SCHEMA.names) - set(maps.columns)
         if missing:
             raise OutputError(f"{folder / 'maps.parquet'} lacks columns {sorted(missing)}; run the scan again")
-        return cls(heads=heads, meta=meta, tokens=tokens, maps=maps)
+        return cls(heads=heads, meta=meta, tokens=tokens, maps=maps, images=images)
 
     def _repr_html_(self) -> str:
         """Compact summary for notebooks: model, shape, probes and top heads (every string escaped)."""

@@ -112,7 +112,7 @@ class Probe:
        before its first batch.
     4. After the last batch: ``warnings()`` (messages the scan emits), then the rows of the tables:
        ``head_rows()`` (heads.parquet), ``token_frame()`` (tokens.parquet), ``map_frame()``
-       (maps.parquet), and ``params()`` (meta.json).
+       (maps.parquet), ``image_frame()`` (images.parquet) and ``params()`` (meta.json).
     """
 
     name: ClassVar[str] = ""
@@ -221,6 +221,11 @@ class Probe:
     def map_frame(self) -> Any:
         """Rows of ``maps.parquet`` as a pandas DataFrame
         (``sample, layer, head, row_bin, col_bin, length, value``); None if none."""
+        return None
+
+    def image_frame(self) -> Any:
+        """Rows of ``images.parquet`` as a pandas DataFrame
+        (``sample, image, layer, head, row, col, value``: attention over an image's token grid); None if none."""
         return None
 
     def params(self) -> dict[str, Any]:

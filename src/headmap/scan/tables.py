@@ -8,7 +8,15 @@ from typing import Any
 
 import pandas as pd
 
-from ..atlas import HEADS_SCHEMA, HEADS_TOWER_SCHEMA, MAPS_SCHEMA, TOKENS_SCHEMA, empty_frame, with_towers
+from ..atlas import (
+    HEADS_SCHEMA,
+    HEADS_TOWER_SCHEMA,
+    IMAGES_SCHEMA,
+    MAPS_SCHEMA,
+    TOKENS_SCHEMA,
+    empty_frame,
+    with_towers,
+)
 from ..errors import NumericalError
 from ..probes import Probe
 
@@ -61,3 +69,11 @@ def map_table(probes: Sequence[Probe]) -> pd.DataFrame:
     if not frames:
         return empty_frame(MAPS_SCHEMA)
     return pd.concat(frames, ignore_index=True)[MAPS_SCHEMA.names]
+
+
+def image_table(probes: Sequence[Probe]) -> pd.DataFrame:
+    """Rows of images.parquet from every probe's ``image_frame()``."""
+    frames = [f for f in (p.image_frame() for p in probes) if f is not None and len(f)]
+    if not frames:
+        return empty_frame(IMAGES_SCHEMA)
+    return pd.concat(frames, ignore_index=True)[IMAGES_SCHEMA.names]
