@@ -485,3 +485,26 @@ def save_llava(folder, chat: bool = True):
     model.save_pretrained(folder)
     llava_processor(chat).save_pretrained(folder)
     return folder
+
+
+def idefics3_processor():
+    """An Idefics3Processor (SmolVLM's) for :func:`build_idefics3`: one 16 x 16 tile, 4 image tokens per image
+    (4 x 4 patches, pixel-shuffled 2 x 2), no splitting, around them ``<fake_token_around_image>``."""
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    images = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 16}, max_image_size={"longest_edge": 16}
+    )
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]})
+    return Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4, chat_template=CHAT_TEMPLATE)
+
+
+def save_idefics3(folder):
+    """The tiny Idefics3 of :func:`build_idefics3` saved with its processor."""
+    model, _ = build_idefics3()
+    model.config.architectures = ["Idefics3ForConditionalGeneration"]
+    model.save_pretrained(folder)
+    idefics3_processor().save_pretrained(folder)
+    return folder

@@ -275,3 +275,24 @@ def test_text_model_tables_have_no_tower_column(tiny_llama_dir, tmp_path):
     assert "tower" not in atlas.heads.columns
     assert "tower" not in pd.read_parquet(tmp_path / "r" / "heads.parquet").columns
     shutil.rmtree(tmp_path / "r")
+
+
+def test_idefics3_smolvlm_family_scans_shapes_end_to_end(tmp_path):
+    from mm_models import save_idefics3
+
+    folder = save_idefics3(tmp_path / "idefics3")
+    atlas = headmap.scan(
+        str(folder), probes="sink,modality_mass,image_attention", corpus="shapes", limit=3, batch_size=2,
+        progress=False, out=tmp_path / "run",
+    )  # fmt: skip
+    heads = atlas.heads
+    assert set(heads.tower) == {"text", "vision"}
+    assert set(heads[heads.tower == "vision"].layer) == set(heads[heads.tower == "text"].layer) == {0, 1}
+    mass = heads[(heads.probe == "modality_mass") & (heads.metric == "modality_mass")]
+    assert len(mass) == 8 and mass.value.between(0, 1).all() and (mass.n == 3).all()
+    grid = atlas.images[(atlas.images["sample"] == 0) & (atlas.images["layer"] == 0) & (atlas.images["head"] == 0)]
+    assert (grid["row"].max(), grid["col"].max()) == (1, 1)  # 4 image tokens: a 2 x 2 grid
+    from headmap.report import write_report
+
+    written = write_report(tmp_path / "run")
+    assert 'id="images-section"' in written[0].read_text(encoding="utf-8")
