@@ -57,7 +57,14 @@ def prepare(corpus: Corpus, loaded: LoadedModel, max_length: int) -> Corpus:
 
 def tower_blind(probe: Any, data: Corpus) -> str | None:
     """Why ``probe`` cannot read the image inputs ``data`` (None when it can)."""
-    if not has_images(data) or getattr(probe, "tower_aware", False):
+    if not has_images(data):
+        return None
+    if probe.needs.corpus in ("repeats", "needle", "items", "spans"):
+        return (
+            "its positions index the text tokens of its corpus, and image inputs run the vision tower too, whose "
+            "layers are numbered like the text model's (docs/multimodal.md)"
+        )
+    if getattr(probe, "tower_aware", False):
         return None
     return (
         "it keeps its sums by layer alone, and image inputs run the vision tower too, whose layers are numbered "
