@@ -296,3 +296,40 @@ def test_idefics3_smolvlm_family_scans_shapes_end_to_end(tmp_path):
 
     written = write_report(tmp_path / "run")
     assert 'id="images-section"' in written[0].read_text(encoding="utf-8")
+
+
+def test_too_large_an_image(monkeypatch, capsys, llava_dir, tmp_path, kept_run):
+    from PIL import Image
+
+    shapes_items(1)[0]["image"].save(tmp_path / "big.png")  # 64 x 64 = 4096 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses more than twice this: a "bomb"
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"image": "big.png", "text": "hi"}) + "\n")
+    code, _, err = run(
+        monkeypatch, capsys, "scan", str(llava_dir), "--corpus", str(path), "--probes", "sink",
+        "--out", str(kept_run[0]), "--overwrite", "--no-progress",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "too large", "line 1")
+    _unchanged(kept_run)
+
+
+def test_image_tokens_are_not_cut_to_max_length(monkeypatch, capsys, llava_dir, kept_run):
+    code, _, err = run(
+        monkeypatch, capsys, "scan", str(llava_dir), "--corpus", "shapes", "--probes", "sink", "--max-length", "24",
+        "--out", str(kept_run[0]), "--overwrite", "--no-progress",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "--max-length", "image")
+    _unchanged(kept_run)
+
+
+def test_a_processor_without_chat_template_puts_the_image_token_first():
+    from mm_models import llava_processor
+
+    corpus = load_corpus("shapes", llava_processor().tokenizer, 512, limit=2)
+    plain = prepare_images(corpus, llava_processor(chat=False), 512)
+    chat = prepare_images(corpus, llava_processor(chat=True), 512)
+    for p, c in zip(plain.samples, chat.samples, strict=True):
+        assert p.ids[:17] == [1] + [IMAGE_TOKEN] * 16  # BOS, the 16 image tokens, then the question
+        assert p.info["spans"]["prompt"] == [0, 1] and p.info["spans"]["image"] == [1, 17]  # the prompt: BOS
+        assert c.info["spans"]["prompt"] == [0, 3]  # BOS, "user", ":" before the image
+        assert c.ids.count(IMAGE_TOKEN) == p.ids.count(IMAGE_TOKEN) == 16
