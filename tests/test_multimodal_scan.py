@@ -333,3 +333,32 @@ def test_a_processor_without_chat_template_puts_the_image_token_first():
         assert p.info["spans"]["prompt"] == [0, 1] and p.info["spans"]["image"] == [1, 17]  # the prompt: BOS
         assert c.info["spans"]["prompt"] == [0, 3]  # BOS, "user", ":" before the image
         assert c.ids.count(IMAGE_TOKEN) == p.ids.count(IMAGE_TOKEN) == 16
+
+
+def test_interrupted_image_scan_resumes_to_the_same_tables(monkeypatch, llava_dir, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from headmap.errors import ScanInterrupted
+
+    kwargs = dict(probes="sink,entropy,image_attention:samples=3", corpus="shapes", limit=6, batch_size=2,
+                  progress=False)  # fmt: skip
+    headmap.scan(str(llava_dir), out=tmp_path / "full", **kwargs)
+    original, calls = LlavaForConditionalGeneration.forward, []
+
+    def stop_at_third(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(LlavaForConditionalGeneration, "forward", stop_at_third)
+        with pytest.raises(ScanInterrupted) as info:
+            headmap.scan(str(llava_dir), out=tmp_path / "run", checkpoint_every_s=3600.0, **kwargs)
+    assert info.value.inputs_done == 4
+    resumed = headmap.scan(str(llava_dir), out=tmp_path / "run", resume=True, **kwargs)
+    assert resumed.meta["resumed_from"] == [4]
+    for table in ("heads.parquet", "images.parquet"):
+        a, b = (pd.read_parquet(tmp_path / run / table) for run in ("full", "run"))
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert set(pd.read_parquet(tmp_path / "run" / "images.parquet")["sample"]) == {0, 1, 2}
