@@ -419,3 +419,92 @@ MODELS = [
     MM("whisper", build_whisper, "seq2seq"),
 ]
 BY_NAME = {m.name: m for m in MODELS}
+
+
+# -- processors and saved folders, for scans that load a VLM like a real checkpoint ---------------------
+
+#: The words of the tiny tokenizer (ids 3, 4, ...): the shapes corpus's prompts and a chat template's roles.
+WORDS = (
+    "question answer in a few words what colour is the square circle triangle how many squares circles "
+    "triangles are there where red green blue yellow top bottom left right zero one two three four user "
+    "assistant : ? . , <image> <fake_token_around_image> <global-img>"
+).split()
+#: A chat template of the kind VLM processors ship: a user turn of images then text, then the answer prompt.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} :{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% else %} {{ c['text'] }}{% endif %}{% endfor %} .{% endfor %}{% if add_generation_prompt %} assistant :"
+    "{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer of :data:`VOCAB` ids (pad 0, BOS 1, EOS 2, unknown 3; ``<image>`` is
+    :data:`IMAGE_TOKEN`), lower-casing, built in code."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for word in WORDS:
+        if word != "<image>":
+            vocab.setdefault(word, len(vocab))
+    vocab["<image>"] = IMAGE_TOKEN
+    assert len(vocab) <= IMAGE_TOKEN and max(vocab.values()) < VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def llava_processor(chat: bool = True):
+    """A LlavaProcessor for :func:`build_llava`: 16 x 16 pictures, patches of 4, 16 image tokens (no CLS)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    images = CLIPImageProcessor(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, do_center_crop=True, do_convert_rgb=True
+    )
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tiny_tokenizer(),
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+        chat_template=CHAT_TEMPLATE if chat else None,
+    )
+
+
+def save_llava(folder, chat: bool = True):
+    """The tiny Llava of :func:`build_llava` saved with its processor: a folder ``headmap scan`` loads."""
+    model, _ = build_llava()
+    model.config.architectures = ["LlavaForConditionalGeneration"]
+    model.save_pretrained(folder)
+    llava_processor(chat).save_pretrained(folder)
+    return folder
+
+
+def idefics3_processor():
+    """An Idefics3Processor (SmolVLM's) for :func:`build_idefics3`: one 16 x 16 tile, 4 image tokens per image
+    (4 x 4 patches, pixel-shuffled 2 x 2), no splitting, around them ``<fake_token_around_image>``."""
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    images = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 16}, max_image_size={"longest_edge": 16}
+    )
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]})
+    return Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4, chat_template=CHAT_TEMPLATE)
+
+
+def save_idefics3(folder):
+    """The tiny Idefics3 of :func:`build_idefics3` saved with its processor."""
+    model, _ = build_idefics3()
+    model.config.architectures = ["Idefics3ForConditionalGeneration"]
+    model.save_pretrained(folder)
+    idefics3_processor().save_pretrained(folder)
+    return folder

@@ -1,6 +1,7 @@
 """The atlas: what a scan measured, as tables, and its on-disk form (the output contract).
 
-A run folder holds ``heads.parquet`` (one row per probe, metric, layer, head), optionally
+A run folder holds ``heads.parquet`` (one row per probe, metric, layer, head; and ``tower`` when the
+run measured a tower other than ``text``, see :data:`HEADS_TOWER_SCHEMA`), optionally
 ``tokens.parquet`` and ``maps.parquet`` (downsampled attention maps), ``meta.json``, and the
 HTML report ``report.html`` when asked for. A run is saved all or nothing: the new run is written
 into a staging folder beside the old one and the two are swapped (:func:`headmap.rundir.replacing`),
@@ -55,6 +56,14 @@ HEADS_SCHEMA = pa.schema(
         ("n", pa.int64()),
     ]
 )
+#: heads.parquet of a run that measured a tower other than ``text`` (a vision-language model's vision tower,
+#: an encoder-decoder's encoder, decoder and cross-attention): :data:`HEADS_SCHEMA` and ``tower``
+#: (``text``, ``vision``, ``encoder``, ``decoder`` or ``cross``; docs/multimodal.md). A table without the
+#: column is all ``text``, so the tables of text models are as they were.
+HEADS_TOWER_SCHEMA = HEADS_SCHEMA.append(pa.field("tower", pa.string()))
+#: The tower a rule, :meth:`Atlas.top` and :meth:`Atlas.grid` read unless told: the first present of these.
+MAIN_TOWERS = ("text", "decoder", "encoder", "vision", "cross")
+
 TOKENS_SCHEMA = pa.schema(
     [
         ("sample", pa.int64()),
@@ -78,6 +87,20 @@ MAPS_SCHEMA = pa.schema(
     ]
 )
 
+#: images.parquet: attention from an input's last token over each image's token grid (probe
+#: ``image_attention``), one row per sample, image, text layer, head and grid cell.
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("sample", pa.int64()),
+        ("image", pa.int64()),
+        ("layer", pa.int64()),
+        ("head", pa.int64()),
+        ("row", pa.int64()),
+        ("col", pa.int64()),
+        ("value", pa.float64()),
+    ]
+)
+
 
 def bin_sizes(length: int, bins: int) -> np.ndarray:
     """[bins] number of positions in each bin of a pooled attention map (the rows and columns of maps.parquet).
@@ -92,6 +115,39 @@ def empty_frame(schema: pa.Schema) -> pd.DataFrame:
     return schema.empty_table().to_pandas()
 
 
+def towers_of(heads: pd.DataFrame) -> pd.Series:
+    """The ``tower`` of every row of a heads table (``text`` where the table has no such column or a row none)."""
+    if "tower" not in heads.columns:
+        return pd.Series("text", index=heads.index, dtype=object)
+    return heads["tower"].where(heads["tower"].notna(), "text").astype(str)
+
+
+def main_tower(heads: pd.DataFrame) -> str:
+    """The tower rules and summaries read by default: the first of :data:`MAIN_TOWERS` in the table
+    (a VLM: ``text``; an encoder-decoder: ``decoder``; a vision encoder alone: ``vision``)."""
+    present = set(towers_of(heads).unique())
+    return next((t for t in MAIN_TOWERS if t in present), next(iter(sorted(present)), "text"))
+
+
+def tower_rows(heads: pd.DataFrame, tower: str | None = None) -> pd.DataFrame:
+    """The rows of one tower (None: :func:`main_tower`); the table itself when it holds one tower only."""
+    towers = towers_of(heads)
+    if towers.nunique() <= 1 and tower is None:
+        return heads
+    return heads[towers == (tower or main_tower(heads))]
+
+
+def with_towers(heads: pd.DataFrame) -> pd.DataFrame:
+    """``heads`` with its ``tower`` column filled (``text`` where missing), or without the column when
+    every row is ``text`` (what :meth:`Atlas.save` writes)."""
+    if "tower" not in heads.columns:
+        return heads
+    towers = towers_of(heads)
+    if (towers == "text").all():
+        return heads.drop(columns=["tower"])
+    return heads.assign(tower=towers)
+
+
 @dataclass
 class Atlas:
     """Tables of one scan: ``heads``, ``tokens`` and ``maps`` DataFrames and the ``meta`` dict."""
@@ -101,18 +157,24 @@ class Atlas:
     tokens: pd.DataFrame = field(default_factory=lambda: empty_frame(TOKENS_SCHEMA))
     #: downsampled attention maps (probe ``attention_maps``): one row per sample, layer, head and cell
     maps: pd.DataFrame = field(default_factory=lambda: empty_frame(MAPS_SCHEMA))
+    #: attention over image token grids (probe ``image_attention``; images.parquet)
+    images: pd.DataFrame = field(default_factory=lambda: empty_frame(IMAGES_SCHEMA))
 
-    def top(self, probe: str, k: int = 10, metric: str | None = None) -> pd.DataFrame:
-        """The ``k`` heads with the highest value of ``probe`` (its ``metric``, default the probe's own)."""
+    def top(self, probe: str, k: int = 10, metric: str | None = None, tower: str | None = None) -> pd.DataFrame:
+        """The ``k`` heads with the highest value of ``probe`` (its ``metric``, default the probe's own)
+        in ``tower`` (None: the main tower of the probe's rows, :func:`main_tower`)."""
         rows = self.heads[(self.heads.probe == probe) & (self.heads.metric == (metric or probe))]
+        if len(rows):
+            rows = tower_rows(rows, tower)
         if rows.empty:
             known = sorted(self.heads.probe.unique())
             raise KeyError(f"no probe '{probe}' in this atlas; it has: {', '.join(known) or 'none'}")
         return rows.sort_values("value", ascending=False, kind="stable").head(k).reset_index(drop=True)
 
-    def grid(self, probe: str, metric: str | None = None) -> pd.DataFrame:
-        """Layer x head table of one metric."""
+    def grid(self, probe: str, metric: str | None = None, tower: str | None = None) -> pd.DataFrame:
+        """Layer x head table of one metric in ``tower`` (None: the main tower of its rows)."""
         rows = self.heads[(self.heads.probe == probe) & (self.heads.metric == (metric or probe))]
+        rows = tower_rows(rows, tower)
         return rows.pivot(index="layer", columns="head", values="value")
 
     def save(self, folder: str | Path, overwrite: bool = False) -> list[Path]:
@@ -125,11 +187,14 @@ class Atlas:
         check_output_folder(folder, overwrite)
         with lock(folder, command="Atlas.save"):
             check_output_folder(folder, overwrite)  # again, now that no other writer can change it
-            frames = [("heads.parquet", self.heads, HEADS_SCHEMA)]
+            heads = with_towers(self.heads)
+            frames = [("heads.parquet", heads, HEADS_TOWER_SCHEMA if "tower" in heads.columns else HEADS_SCHEMA)]
             if len(self.tokens):
                 frames.append(("tokens.parquet", self.tokens, TOKENS_SCHEMA))
             if len(self.maps):
                 frames.append(("maps.parquet", self.maps, MAPS_SCHEMA))
+            if len(self.images):
+                frames.append(("images.parquet", self.images, IMAGES_SCHEMA))
             try:
                 with replacing(folder, ours=_is_run_file, last="meta.json") as stage:
                     tables = {}
@@ -165,6 +230,8 @@ class Atlas:
             tokens = pq.read_table(tokens_path).to_pandas() if tokens_path.exists() else empty_frame(TOKENS_SCHEMA)
             maps_path = folder / "maps.parquet"
             maps = pq.read_table(maps_path).to_pandas() if maps_path.exists() else empty_frame(MAPS_SCHEMA)
+            images_path = folder / "images.parquet"
+            images = pq.read_table(images_path).to_pandas() if images_path.exists() else empty_frame(IMAGES_SCHEMA)
         except (OSError, pa.ArrowException) as exc:
             raise OutputError(f"a table in {folder} is missing or corrupt ({exc}); run the scan again") from exc
         missing = set(HEADS_SCHEMA.names) - set(heads.columns)
@@ -173,7 +240,7 @@ class Atlas:
         missing = set(MAPS_SCHEMA.names) - set(maps.columns)
         if missing:
             raise OutputError(f"{folder / 'maps.parquet'} lacks columns {sorted(missing)}; run the scan again")
-        return cls(heads=heads, meta=meta, tokens=tokens, maps=maps)
+        return cls(heads=heads, meta=meta, tokens=tokens, maps=maps, images=images)
 
     def _repr_html_(self) -> str:
         """Compact summary for notebooks: model, shape, probes and top heads (every string escaped)."""

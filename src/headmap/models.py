@@ -172,6 +172,9 @@ def is_causal_lm(config: Any) -> bool:
         return True
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if _is_vlm(config):  # a vision-language model generates text: causal (docs/multimodal.md)
+        return True
+
     encoders = {"bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "albert"}
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in encoders
 
@@ -391,9 +394,20 @@ def device_text(model: Any) -> str:
     return str(input_device(model))
 
 
-def _model_class(config: Any):
-    from transformers import AutoModel, AutoModelForCausalLM
+def _is_vlm(config: Any) -> bool:
+    """An image-text-to-text model (Llava, Qwen2-VL, Idefics3, ...), not an encoder-decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and not getattr(
+        config, "is_encoder_decoder", False
+    )
+
+
+def _model_class(config: Any):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if _is_vlm(config):
+        return AutoModelForImageTextToText
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 

@@ -60,7 +60,7 @@ CHECKPOINT_FILE = "checkpoint.npz"
 #: The checkpoint's progress file (JSON), readable without numpy.
 PROGRESS_FILE = "progress.json"
 #: The files of a finished run.
-RUN_TABLES = ("heads.parquet", "tokens.parquet", "maps.parquet")
+RUN_TABLES = ("heads.parquet", "tokens.parquet", "maps.parquet", "images.parquet")
 #: Every file (or folder) of a run headmap may write into a run folder; nothing else is ever removed.
 RUN_FILES = (*RUN_TABLES, "meta.json", "report.html", CHECKPOINT_DIR)
 #: The lock file of a run folder (see :func:`lock`); not part of a run.

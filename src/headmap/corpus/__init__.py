@@ -36,6 +36,7 @@ from .shapes import SHAPES_INPUTS, shapes_items
 
 # isort: on
 from .files import PIPE_WAIT_S, FileSamples, read_lines, read_stream, scan_text_file
+from .images import has_images, prepare_images
 from .load import DEFAULT_CORPUS, load_corpus
 from .spec import parse_spec
 
@@ -62,6 +63,8 @@ __all__ = [
     "Sample",
     "Tokens",
     "encode",
+    "has_images",
+    "prepare_images",
     "load_corpus",
     "needle_names",
     "pad_batch",

@@ -302,6 +302,17 @@ def jsonl_sample(toks: Tokens, path: Path, line: int, raw: str, max_length: int,
     text = obj["text"]
     if not isinstance(text, str) or not text.strip():
         raise CorpusError(f'{where}: "text" must be a non-empty string')
+    if "image" in obj:  # an image corpus (headmap.corpus.images): the model's processor prepares it later
+        if "spans" in obj:
+            raise CorpusError(
+                f'{where}: "spans" cannot be given with "image" yet; the spans prompt, image and text come from '
+                "the model's processor"
+            )
+        from .images import read_images
+
+        pictures = read_images(obj["image"], path.parent, where)
+        ids, _ = toks.encode(text, [], suffix=True)
+        return Sample(ids, {"line": line, "image": pictures, "text": text}), False
     named = obj.get("spans", {})
     if not isinstance(named, dict):
         raise CorpusError(f'{where}: "spans" must be an object of named spans, like {{"query": [12, 40]}}')
@@ -357,9 +368,16 @@ def load_file(
         toks = Tokens(tokenizer)
         built = [jsonl_sample(toks, path, line, raw, max_length, strict) for line, raw in lines]
         samples = [s for s, _ in built]
+        pictured = sum("image" in s.info for s in samples)
+        if 0 < pictured < len(samples):
+            first = next(s for s in samples if ("image" in s.info) != ("image" in samples[0].info))
+            raise CorpusError(
+                f'corpus file {path}, line {first.info["line"]}: some lines hold "image" and some do not; an image '
+                "corpus needs an image on every line"
+            )
         if not any(has for _, has in built):  # no line names a span: not a corpus with spans
             for s in samples:
-                del s.info["spans"]
+                s.info.pop("spans", None)
         return samples, "jsonl", None
     plain = []
     for line, text in lines:

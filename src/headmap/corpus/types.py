@@ -50,6 +50,9 @@ class Batch:
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     left_pad: bool = True
+    #: the other tensors the model takes for these inputs (an image corpus: ``pixel_values`` and what
+    #: else the model's processor made, batched by :func:`headmap.corpus.images.collate`); empty for text
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def index(self, row: int) -> int:
         """Corpus index of batch row ``row``."""

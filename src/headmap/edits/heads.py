@@ -150,6 +150,10 @@ def select_heads(
     if atlas is None:
         raise EditError(f"{edit}: heads rule {text!r} needs an atlas (atlas= or --atlas RUN_DIR)")
     heads = atlas.heads
+    if heads is not None and len(heads):
+        from ..atlas import tower_rows
+
+        heads = tower_rows(heads)  # the main tower (a VLM: text; docs/multimodal.md)
     if heads is None or not len(heads):
         raise EditError(f"{edit}: heads rule {text!r}: the atlas has no head table")
     if shape is not None:

@@ -13,6 +13,7 @@ from .duplicate_token import DuplicateTokenProbe
 from .entropy import EntropyProbe
 from .fai import FaiProbe
 from .head import HeadMeanProbe, HeadStats
+from .image_attention import ImageAttentionProbe
 from .induction import InductionProbe
 from .massive_values import MassiveValuesProbe
 from .mean_distance import MeanDistanceProbe
@@ -53,6 +54,7 @@ PROBES: dict[str, type[Probe]] = {
         CrossAlignmentProbe,
         VisualSinksProbe,
         VisionAwareProbe,
+        ImageAttentionProbe,
     )
 }
 

@@ -30,6 +30,7 @@ CORPUS_KINDS: dict[str, tuple[str, str]] = {
     "needle": ("needle_span", "needle-in-a-haystack inputs (--corpus needle)"),
     "items": ("items", "inputs made of several items (--corpus items)"),
     "spans": ("spans", "inputs with named spans (a JSONL corpus with spans)"),
+    "images": ("image", 'image inputs (--corpus shapes, or a JSONL corpus whose lines hold "image")'),
 }
 
 
@@ -40,7 +41,7 @@ class Needs:
     A scan plans, schedules and runs the forward passes from these fields alone.
     """
 
-    #: What the inputs must carry: None (any text), "repeats", "needle", "items" or "spans"
+    #: What the inputs must carry: None (any text), "repeats", "needle", "items", "spans" or "images"
     #: (:data:`CORPUS_KINDS`); checked by :meth:`Probe.applies_to`.
     corpus: str | None = None
     #: Built-in corpus the probe reads when the user names none (None: the scan's default, ``text``).
@@ -111,12 +112,18 @@ class Probe:
        before its first batch.
     4. After the last batch: ``warnings()`` (messages the scan emits), then the rows of the tables:
        ``head_rows()`` (heads.parquet), ``token_frame()`` (tokens.parquet), ``map_frame()``
-       (maps.parquet), and ``params()`` (meta.json).
+       (maps.parquet), ``image_frame()`` (images.parquet) and ``params()`` (meta.json).
     """
 
     name: ClassVar[str] = ""
     #: What the probe needs from a scan (corpus, model kind, forward outputs); see :class:`Needs`.
     needs: ClassVar[Needs] = Needs()
+    #: The probe keys what it keeps by ``block.tower`` as well as by layer (or reads one tower on
+    #: purpose), so it may see the blocks of every tower of a multimodal model. A vision tower numbers its
+    #: layers from 0 like the text model, so a probe keyed by layer alone would mix the two: a scan whose
+    #: inputs run more than one tower (image inputs on a VLM) refuses such a probe. Head-mean probes
+    #: (:class:`~headmap.probes.head.HeadMeanProbe`) are tower-aware; their rows carry ``tower``.
+    tower_aware: ClassVar[bool] = False
 
     # the fields of ``needs`` under their former names, for reading (``Probe.causal_only``, ...)
     requires = _NeedsField("corpus")
@@ -214,6 +221,11 @@ class Probe:
     def map_frame(self) -> Any:
         """Rows of ``maps.parquet`` as a pandas DataFrame
         (``sample, layer, head, row_bin, col_bin, length, value``); None if none."""
+        return None
+
+    def image_frame(self) -> Any:
+        """Rows of ``images.parquet`` as a pandas DataFrame
+        (``sample, image, layer, head, row, col, value``: attention over an image's token grid); None if none."""
         return None
 
     def params(self) -> dict[str, Any]:

@@ -1,9 +1,16 @@
 """Head-level probes: :class:`HeadStats` (across-input sums per head) and :class:`HeadMeanProbe`.
 
 A head score is first averaged within an input, then across inputs, each input weighing the same
-(docs/methods/README.md). ``state_dict()`` / ``load_state_dict(state)`` save and restore the
-committed totals as plain numpy arrays (what ``numpy.savez`` stores exactly), so that a scan can
-checkpoint, stop, and resume with totals bit-for-bit equal to a scan that never stopped.
+(docs/methods/README.md).
+
+Sums are kept per **(tower, layer)**: a vision-language model's vision tower numbers its layers from 0
+like the text model (docs/multimodal.md), so a layer number alone would mix the two. The text tower
+keeps its plain integer key (``_stats[layer]``, and the state format of text models is unchanged);
+every other tower (``vision``, ``encoder``, ``decoder``, ``cross``) is keyed ``(tower, layer)``.
+
+``state_dict()`` / ``load_state_dict(state)`` save and restore the committed totals as plain numpy
+arrays (what ``numpy.savez`` stores exactly), so that a scan can checkpoint, stop,
+and resume with totals bit-for-bit equal to a scan that never stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +25,27 @@ import torch
 
 from ..engine.block import Block
 from .base import Probe
+
+#: The tower whose heads :meth:`HeadMeanProbe.values` and :meth:`HeadMeanProbe.result` give by default,
+#: in order of preference among the towers a probe saw (a text model: ``text``; an encoder-decoder:
+#: ``decoder``; a vision encoder alone: ``vision``).
+MAIN_TOWERS = ("text", "decoder", "encoder", "vision", "cross")
+
+
+def tower_key(tower: str, layer: int) -> int | tuple[str, int]:
+    """The key of (tower, layer) in a head probe's sums: the layer for ``text``, else ``(tower, layer)``."""
+    return int(layer) if tower == "text" else (tower, int(layer))
+
+
+def split_key(key: int | tuple[str, int]) -> tuple[str, int]:
+    """(tower, layer) of a key made by :func:`tower_key`."""
+    return ("text", int(key)) if not isinstance(key, tuple) else (key[0], int(key[1]))
+
+
+def main_tower(towers: Any) -> str | None:
+    """The first of :data:`MAIN_TOWERS` among ``towers`` (None when there is none)."""
+    present = set(towers)
+    return next((t for t in MAIN_TOWERS if t in present), next(iter(sorted(present)), None))
 
 
 @dataclass
@@ -70,7 +98,12 @@ class HeadMeanProbe(Probe):
     """A head-level score that is the mean over counted query rows of a per-row quantity.
 
     Subclasses implement ``row_values(block) -> (values [B, H, bq], counted [B, bq])``.
+    Sums are keyed by (tower, layer) (:func:`tower_key`), so every tower of a multimodal model gets its
+    own rows (``tower`` in :meth:`head_rows`).
     """
+
+    #: a scan may give this probe the blocks of every tower (its sums are keyed by tower)
+    tower_aware = True
 
     _pending: dict[int, list] = field(default_factory=dict, init=False, repr=False)
     _stats: dict[int, HeadStats] = field(default_factory=dict, init=False, repr=False)
@@ -83,9 +116,10 @@ class HeadMeanProbe(Probe):
         weights = counted.to(torch.float64)
         num = (values.to(torch.float64) * weights[:, None, :]).sum(dim=-1)  # [B, H]
         den = weights.sum(dim=-1)  # [B]
-        slot = self._pending.get(block.layer)
+        key = tower_key(getattr(block, "tower", "text"), block.layer)
+        slot = self._pending.get(key)
         if slot is None or slot[0].shape != num.shape:
-            self._pending[block.layer] = [num, den, block.num_kv_heads]
+            self._pending[key] = [num, den, block.num_kv_heads]
         else:
             slot[0] += num
             slot[1] += den
@@ -111,9 +145,12 @@ class HeadMeanProbe(Probe):
     def state_dict(self) -> dict[str, np.ndarray]:
         """Committed totals per layer: ``layers``, ``kv_heads`` and ``total.L``, ``total_sq.L``, ``count.L``.
 
+        Layers of the text tower as ever; a layer of another tower is stored under
+        ``total.TOWER:L:KV`` (likewise ``total_sq``, ``count``), KV its key/value heads, so that the
+        states of several processes still merge by adding arrays of the same name.
         Pending sums of inputs not yet committed are not included (a scan saves after each commit).
         """
-        layers = sorted(self._stats)
+        layers = sorted(k for k in self._stats if not isinstance(k, tuple))
         state = {
             "layers": np.array(layers, dtype=np.int64),
             "kv_heads": np.array([self._stats[layer].kv_heads for layer in layers], dtype=np.int64),
@@ -123,6 +160,12 @@ class HeadMeanProbe(Probe):
             state[f"total.{layer}"] = stats.total.copy()
             state[f"total_sq.{layer}"] = stats.total_sq.copy()
             state[f"count.{layer}"] = stats.count.copy()
+        for key in sorted(k for k in self._stats if isinstance(k, tuple)):
+            stats = self._stats[key]
+            name = f"{key[0]}:{key[1]}:{stats.kv_heads}"
+            state[f"total.{name}"] = stats.total.copy()
+            state[f"total_sq.{name}"] = stats.total_sq.copy()
+            state[f"count.{name}"] = stats.count.copy()
         return state
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
@@ -140,25 +183,56 @@ class HeadMeanProbe(Probe):
                 if not (len(total) == len(total_sq) == len(count)) or kv_heads < 1 or len(total) % kv_heads:
                     raise ValueError(f"layer {layer}: arrays of different lengths or a bad kv_heads")
                 loaded[layer] = HeadStats(total, total_sq, count, kv_heads)
+            for name in state:
+                kind, _, rest = name.partition(".")
+                if kind != "total" or ":" not in rest:
+                    continue
+                tower, layer_text, kv_text = rest.split(":")
+                total = np.array(state[f"total.{rest}"], dtype=np.float64).reshape(-1)
+                total_sq = np.array(state[f"total_sq.{rest}"], dtype=np.float64).reshape(-1)
+                count = np.array(state[f"count.{rest}"], dtype=np.int64).reshape(-1)
+                kv_heads = int(kv_text)
+                if not (len(total) == len(total_sq) == len(count)) or kv_heads < 1 or len(total) % kv_heads:
+                    raise ValueError(f"{tower} layer {layer_text}: arrays of different lengths or a bad kv_heads")
+                loaded[(tower, int(layer_text))] = HeadStats(total, total_sq, count, kv_heads)
         except (KeyError, ValueError, TypeError) as exc:
             raise ValueError(f"not a state of probe {self.name}: {exc}") from exc
         self._pending.clear()
         self._stats = loaded
 
-    def result(self) -> dict[int, HeadStats]:
-        """Committed statistics by layer (commits pending inputs first)."""
+    def towers(self) -> list[str]:
+        """The towers this probe has committed sums for, main tower first (:data:`MAIN_TOWERS` order)."""
+        seen = {split_key(k)[0] for k in self._stats}
+        return sorted(seen, key=lambda t: (MAIN_TOWERS.index(t) if t in MAIN_TOWERS else len(MAIN_TOWERS), t))
+
+    def result(self, tower: str | None = None) -> dict[int, HeadStats]:
+        """Committed statistics by layer of ``tower`` (None: the main tower, :func:`main_tower`).
+
+        Commits pending inputs first.
+        """
         self.commit()
-        return dict(sorted(self._stats.items()))
+        if tower is None:
+            tower = main_tower(self.towers()) or "text"
+        mine = {split_key(k)[1]: v for k, v in self._stats.items() if split_key(k)[0] == tower}
+        return dict(sorted(mine.items()))
 
     def head_rows(self) -> list[dict[str, Any]]:
         rows = []
-        for layer, stats in self.result().items():
+        self.commit()
+        for tower in self.towers():
+            rows += self._tower_rows(tower)
+        return rows
+
+    def _tower_rows(self, tower: str) -> list[dict[str, Any]]:
+        rows = []
+        for layer, stats in self.result(tower).items():
             group = len(stats.total) // stats.kv_heads
             for head, (value, se, n) in enumerate(zip(stats.mean(), stats.stderr(), stats.count, strict=True)):
                 rows.append(
                     {
                         "probe": self.name,
                         "metric": self.name,
+                        "tower": tower,
                         "layer": int(layer),
                         "head": head,
                         "kv_head": head // group,
@@ -169,9 +243,9 @@ class HeadMeanProbe(Probe):
                 )
         return rows
 
-    def values(self) -> np.ndarray:
-        """[layers, heads] array of mean scores (NaN where a layer was never seen)."""
-        res = self.result()
+    def values(self, tower: str | None = None) -> np.ndarray:
+        """[layers, heads] mean scores of ``tower`` (None: the main tower; NaN where a layer was never seen)."""
+        res = self.result(tower)
         if not res:
             return np.zeros((0, 0))
         heads = max(len(s.total) for s in res.values())

@@ -73,7 +73,7 @@ class ModalityMassProbe(HeadMeanProbe):
     """Share of text queries' attention on image tokens (``modality_mass``) and image-to-image share."""
 
     name = "modality_mass"
-    needs = Needs(default=False)
+    needs = Needs(corpus="images", default_corpus="shapes", default=False)
 
     #: the image token id; None: read from the config of the model the engine runs
     image_token_id: int | None = None

@@ -106,6 +106,7 @@ PAGE = """<!DOCTYPE html>
     <div id="sinks-plot" class="plot wide"></div></section>
   <section id="top-section"><h2>Top heads per probe</h2><div id="top-tables" class="grid"></div></section>
   <section id="settings-section"><h2>Settings</h2><ul id="notes" class="rules"></ul><pre id="settings"></pre></section>
+{extra}
 </main>
 <aside id="head-panel" hidden aria-live="polite">
   <button id="panel-close" type="button" aria-label="close">&times;</button>
@@ -130,8 +131,10 @@ PAGE = """<!DOCTYPE html>
 def report_html(atlas: Atlas) -> str:
     """The report of ``atlas`` as one HTML string."""
     from .. import __version__
+    from .images import images_section
+    from .towers import main_view, towers_section
 
-    data = json_for_script(report_data(atlas))
+    data = json_for_script(report_data(main_view(atlas)))  # several towers: the page shows the main one
     plotly_js = safe_script(_plotly_js())
     app = safe_script(_asset("report.js"))
     csp = (
@@ -149,6 +152,7 @@ def report_html(atlas: Atlas) -> str:
         data=data,
         plotly=plotly_js,
         app=app,
+        extra=towers_section(atlas) + images_section(atlas),
     )
 
 
@@ -207,6 +211,7 @@ def write_report(
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
     if png is not None:
         from .figures import write_pngs
+        from .towers import main_view
 
-        written += write_pngs(atlas, png)
+        written += write_pngs(main_view(atlas), png)
     return written

@@ -41,7 +41,7 @@ from .loop import run_batches, sigterm_as_interrupt
 from .meta import describe
 from .plan import Plan, batches_of, corpus_maker, make_plan
 from .plan import shard as shard_plan
-from .tables import emit_warnings, head_table, map_table, token_table
+from .tables import emit_warnings, head_table, image_table, map_table, token_table
 
 __all__ = ["DEFAULT_MAX_LENGTH", "scan"]
 
@@ -227,7 +227,9 @@ def _scan(
                 heads = head_table(plan.probes)
                 meta = describe(loaded, plan, run, options)
                 tokens = token_table(plan.probes, loaded.tokenizer)
-                atlas = Atlas(heads=heads, meta=meta, tokens=tokens, maps=map_table(plan.probes))
+                atlas = Atlas(
+                    heads=heads, meta=meta, tokens=tokens, maps=map_table(plan.probes), images=image_table(plan.probes)
+                )
                 if out_dir is not None:
                     if ranks is None:
                         run.write(atlas, overwrite)

@@ -80,7 +80,12 @@ def load(
                 "device_map/max_memory place a model headmap loads; for a model object, load it with "
                 "from_pretrained(device_map=...) yourself and pass it"
             )
+        processor = None
+        if getattr(tokenizer, "image_processor", None) is not None and getattr(tokenizer, "tokenizer", None):
+            processor, tokenizer = tokenizer, tokenizer.tokenizer  # a VLM's processor given as its tokenizer
         loaded = wrap_model(model, tokenizer)
+        if processor is not None:
+            loaded.extra["processor"] = processor
     check_supported(loaded.model)
     return loaded
 

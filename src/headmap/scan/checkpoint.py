@@ -95,7 +95,8 @@ def weights_signature(model: torch.nn.Module, samples: int = 64) -> str:
 
 
 def corpus_signature(samples: Sequence[Any]) -> str:
-    """sha256 over the token ids of every input, in order (precomputed by streamed file corpora)."""
+    """sha256 over the token ids of every input, in order (precomputed by streamed file corpora), and the
+    processor's tensors of an image corpus."""
     known = getattr(samples, "signature", None)
     if known is not None:
         return known
@@ -110,6 +111,10 @@ def corpus_signature(samples: Sequence[Any]) -> str:
         ids = np.asarray(sample.ids, dtype=np.int64)
         digest.update(np.int64(len(ids)).tobytes())
         digest.update(ids.tobytes())
+        # an image corpus: the pictures as the model sees them (text inputs hash as they always did)
+        for key, value in sorted((getattr(sample, "info", None) or {}).get("model_inputs", {}).items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

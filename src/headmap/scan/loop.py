@@ -18,6 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..corpus import Batch, Corpus
+from ..corpus.images import collate
 from ..engine import observe
 from ..models import LoadedModel, input_device, logits_to_keep, pad_id, position_ids
 from .capture import Capture
@@ -76,8 +77,10 @@ class Forward:
                 p.run(self.model, batch, session)
             return None
         extra = dict(self.extra)
-        if self.positions:
+        # multimodal rotary positions (Qwen2-VL: image_grid_thw) are the model's own, from its attention mask
+        if self.positions and "image_grid_thw" not in batch.inputs:
             extra["position_ids"] = position_ids(batch.attention_mask)
+        extra.update(batch.inputs)  # an image corpus: pixel_values and what else the processor made
         ids, mask = batch.input_ids, batch.attention_mask
         return self.capture.run(group.probes, lambda: self.model(input_ids=ids, attention_mask=mask, **extra))
 
@@ -136,7 +139,8 @@ def _batches(loaded: LoadedModel, corpus: Corpus, skip: int, batch_size: int, of
     for start, ids, mask in rest.batches(batch_size, pad, left_pad=loaded.is_causal, device=device):
         start += skip
         samples = list(corpus.samples[start : start + ids.shape[0]])
-        yield Batch(corpus.name, start + offset, samples, ids, mask, loaded.is_causal)
+        inputs = collate(samples, ids.shape[1], loaded.is_causal, device)
+        yield Batch(corpus.name, start + offset, samples, ids, mask, loaded.is_causal, inputs)
 
 
 def _one_batch(forward: Forward, group: Group, batch: Batch, session: Any, run: Run, plan: Plan) -> None:

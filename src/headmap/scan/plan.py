@@ -15,6 +15,7 @@ from ..corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from ..errors import OptionError, ProbeError
 from ..models import LoadedModel
 from ..probes import Probe
+from . import images
 
 
 @dataclass
@@ -54,17 +55,26 @@ def corpus_maker(
         if loaded.tokenizer is None:
             raise OptionError("pass the model's tokenizer (scan(model, tokenizer=...)) to build a corpus")
         extra = {"strict": True} if strict else {}
-        return load_corpus(
+        data = load_corpus(
             spec,
             loaded.tokenizer,
             max_length,
             limit=limit,
             seed=seed,
-            vocab_size=loaded.model.config.vocab_size,
+            vocab_size=_vocab_size(loaded.model.config),
             **extra,
         )
+        return images.prepare(data, loaded, max_length)  # an image corpus: the model's processor prepares it
 
     return make
+
+
+def _vocab_size(config: Any) -> int | None:
+    """The vocabulary size of a model's config (a VLM's is in its text config)."""
+    size = getattr(config, "vocab_size", None)
+    if size is None:
+        size = getattr(getattr(config, "get_text_config", lambda: None)(), "vocab_size", None)
+    return size
 
 
 def make_plan(probes: list[Probe], explicit: bool, corpus: Any, make: Callable[[Any], Corpus], batch_size: int) -> Plan:
@@ -132,7 +142,16 @@ def plan_groups(
             skipped[p.name] = "it needs a corpus with spans"
             continue
         by_corpus.setdefault(p.needs.default_corpus or DEFAULT_CORPUS, []).append(p)
-    groups = [g for name, members in by_corpus.items() for g in _split(make(name), members)]
+    groups = []
+    for name, members in by_corpus.items():
+        data = make(name)
+        blind = [(p, why) for p in members if (why := images.tower_blind(p, data)) is not None]
+        if blind and explicit:
+            raise ProbeError(f"probe {blind[0][0].name} cannot read corpus '{data.name}': {blind[0][1]}")
+        skipped.update({p.name: why for p, why in blind})
+        members = [p for p in members if images.tower_blind(p, data) is None]
+        if members:
+            groups += _split(data, members)
     return groups, skipped
 
 
@@ -140,7 +159,7 @@ def _one_corpus(probes: list[Probe], explicit: bool, data: Corpus) -> tuple[list
     skipped: dict[str, str] = {}
     keep = []
     for p in probes:
-        why = p.applies_to(data)
+        why = p.applies_to(data) or images.tower_blind(p, data)
         if why is None:
             keep.append(p)
         elif explicit:

@@ -8,7 +8,15 @@ from typing import Any
 
 import pandas as pd
 
-from ..atlas import HEADS_SCHEMA, MAPS_SCHEMA, TOKENS_SCHEMA, empty_frame
+from ..atlas import (
+    HEADS_SCHEMA,
+    HEADS_TOWER_SCHEMA,
+    IMAGES_SCHEMA,
+    MAPS_SCHEMA,
+    TOKENS_SCHEMA,
+    empty_frame,
+    with_towers,
+)
 from ..errors import NumericalError
 from ..probes import Probe
 
@@ -21,9 +29,15 @@ def emit_warnings(probes: Sequence[Probe]) -> None:
 
 
 def head_table(probes: Sequence[Probe]) -> pd.DataFrame:
-    """Rows of heads.parquet from every probe's ``head_rows()``."""
+    """Rows of heads.parquet from every probe's ``head_rows()``.
+
+    With ``tower`` when some row is of a tower other than ``text`` (a row that names none is ``text``);
+    a text model's table is as it always was (:func:`headmap.atlas.with_towers`).
+    """
     rows = [row for p in probes for row in p.head_rows()]
-    return pd.DataFrame(rows, columns=HEADS_SCHEMA.names) if rows else empty_frame(HEADS_SCHEMA)
+    if not rows:
+        return empty_frame(HEADS_SCHEMA)
+    return with_towers(pd.DataFrame(rows, columns=HEADS_TOWER_SCHEMA.names))
 
 
 def token_table(probes: Sequence[Probe], tokenizer: Any) -> pd.DataFrame:
@@ -55,3 +69,11 @@ def map_table(probes: Sequence[Probe]) -> pd.DataFrame:
     if not frames:
         return empty_frame(MAPS_SCHEMA)
     return pd.concat(frames, ignore_index=True)[MAPS_SCHEMA.names]
+
+
+def image_table(probes: Sequence[Probe]) -> pd.DataFrame:
+    """Rows of images.parquet from every probe's ``image_frame()``."""
+    frames = [f for f in (p.image_frame() for p in probes) if f is not None and len(f)]
+    if not frames:
+        return empty_frame(IMAGES_SCHEMA)
+    return pd.concat(frames, ignore_index=True)[IMAGES_SCHEMA.names]
