@@ -287,3 +287,59 @@ def test_one_declaration_of_the_placement_options():
         for key in ("device_map", "max_memory", "offload_folder"):
             assert key in params, f"{name} lacks --{key.replace('_', '-')}"
         assert params["max_memory"].help == help_text(options.MaxMemory.__metadata__[0].help)
+
+
+# -- TokenProbe._track across devices -------------------------------------------------------------------
+
+
+class OtherDevice(torch.Tensor):
+    """A CPU tensor that stands for one on a second device, as a later layer's tensors are under a device map
+    over several GPUs: an operation that mixes it with plain tensors raises, as CUDA does for tensors on
+    cuda:0 and cuda:1; ``.to(device=...)`` is the copy to the plain tensors' device and returns a plain
+    tensor. Honest limits: it cannot tell devices apart by name (every device here is the CPU), so it checks
+    that every combination goes through ``.to`` of the pending state's device, not a real transfer."""
+
+    moved_to: list = []  # noqa: RUF012  (the devices .to was asked for, in order)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            device = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
+            if device is not None:
+                cls.moved_to.append(torch.device(device))
+                with torch._C.DisableTorchFunctionSubclass():
+                    return torch.Tensor.to(args[0].as_subclass(torch.Tensor), *args[1:], **kwargs)
+        flat = [*args, *kwargs.values()]
+        flat += [x for a in args if isinstance(a, (list, tuple)) for x in a]
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        if any(type(t) is torch.Tensor for t in tensors) and any(isinstance(t, cls) for t in tensors):
+            raise RuntimeError("Expected all tensors to be on the same device (stand-in: a second device)")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _block(layer: int, valid: torch.Tensor, item_start: torch.Tensor, q_pos: torch.Tensor, wrap: bool):
+    def put(t):
+        return t.as_subclass(OtherDevice) if wrap else t
+
+    return SimpleNamespace(layer=layer, query_valid=put(valid), item_start=put(item_start), q_pos=put(q_pos))
+
+
+def test_token_probe_tracks_layers_on_two_devices():
+    from headmap.probes.received import ReceivedProbe
+
+    valid = torch.tensor([[False, True, True, True], [True, True, True, False]])
+    item_start = torch.tensor([1, 0], dtype=torch.int32)
+    q_pos = torch.arange(4)
+    with pytest.raises(RuntimeError, match="same device"):  # the stand-in catches a mix, as CUDA would
+        torch.equal(item_start.long(), item_start.long().as_subclass(OtherDevice))
+    probe = ReceivedProbe()
+    OtherDevice.moved_to.clear()
+    pend = probe._track(_block(0, valid, item_start, q_pos, wrap=False))  # layer 0: the first device
+    pend = probe._track(_block(1, valid, item_start, q_pos, wrap=True))  # layer 1: another device
+    assert type(pend.item_start) is torch.Tensor and type(pend.last) is torch.Tensor  # state stays home
+    assert pend.last.tolist() == [3, 2] and pend.layers == {0, 1}
+    assert OtherDevice.moved_to and set(OtherDevice.moved_to) == {pend.last.device}
+    # a second forward (other item starts) on the other device is still told apart
+    with pytest.raises(headmap.HeadmapError, match="second forward"):
+        probe._track(_block(1, valid, torch.tensor([2, 0], dtype=torch.int32), q_pos, wrap=True))
