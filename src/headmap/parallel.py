@@ -37,12 +37,6 @@ def launched() -> tuple[int, int, int] | None:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def is_follower() -> bool:
-    """Whether this process is a rank other than 0 of a data-parallel run (it writes and prints nothing)."""
-    where = launched()
-    return where is not None and where[0] != 0
-
-
 @dataclass
 class Ranks:
     """This process's place in a data-parallel run, and the collectives it uses."""
