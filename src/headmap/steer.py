@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .edits import Edit, make_edits
@@ -73,19 +74,23 @@ def compare(
     tokenizer: Any = None,
     dtype: str = "float32",
     device: str = "cpu",
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Comparison:
     """Generate greedily from ``prompt`` without and with ``edits``; both runs use the headmap engine.
 
     ``model`` is a model object (then pass its ``tokenizer``) or anything :func:`headmap.load_model`
     loads. Every input is checked before anything is generated: the options, the edit specs, the
     atlas, the model (a causal language model), the spans (found in the prompt) and the heads (they
-    must exist in the model).
+    must exist in the model). ``device_map``, ``max_memory``, ``offload_folder``: model parallel placement
+    of a model headmap loads (:func:`headmap.load_model`); a model object keeps its own placement.
     """
     import torch
 
     from .engine.session import observe
     from .errors import ModelError, OptionError
-    from .models import is_causal_lm, load_model, pad_id, wrap_model
+    from .models import input_device, is_causal_lm, load_model, pad_id, wrap_model
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise OptionError("--prompt is empty; give the text to continue")
@@ -93,7 +98,8 @@ def compare(
         raise OptionError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     objs = make_edits(edits, atlas=atlas)
     if isinstance(model, str) or model is None:
-        loaded = load_model(model, dtype=dtype, device=device)
+        placed = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+        loaded = load_model(model, dtype=dtype, device=device, **placed)
     else:
         loaded = wrap_model(model, tokenizer)
     if loaded.tokenizer is None:
@@ -107,7 +113,7 @@ def compare(
     prepare(objs, tok, prompt)
     for edit in objs:
         edit.bind(net)  # heads exist, rules resolved, means fitted: before anything is generated
-    dev = next(net.parameters()).device
+    dev = input_device(net)  # a device-mapped model takes its inputs where its first module is
     enc = tok(prompt, return_tensors="pt")
     enc = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad_id(tok, net)}

@@ -17,6 +17,7 @@ import typer
 
 from ..errors import OptionError, OutputError, TaskError
 from .app import app, console
+from .options import DeviceMap, MaxMemory, OffloadFolder, placement
 
 PRESS_HELP = (
     "a press as NAME[:key=value...] (repeat --press for several): streaming (sinks, window), h2o, snapkv (window, "
@@ -226,6 +227,9 @@ def compress_command(
     overwrite: Annotated[bool, typer.Option(help="replace an earlier compress.parquet in --out")] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ) -> None:
     """Evaluate every --press at every --ratio against the full cache on the same --task items."""
     from ..models import load_model, max_positions
@@ -246,7 +250,7 @@ def compress_command(
     target = out / "compress.parquet"
     if target.exists() and not overwrite:
         raise OutputError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, **placement(device_map, max_memory, offload_folder))
     check_model(loaded.model)
     items = load_items(task, loaded.tokenizer, limit, max_positions(loaded.model.config))
     limit_tokens = max_positions(loaded.model.config)

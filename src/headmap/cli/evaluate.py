@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .app import app, console, err
+from .options import DeviceMap, MaxMemory, OffloadFolder, placement
 
 EDIT_HELP = (
     "an edit as NAME:key=value:key=value (repeat --edit for several), e.g. ablate:heads=[[18,6]]:mode=zero or "
@@ -126,6 +127,9 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="seed of the bootstrap and of the needle corpus")] = 0,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ) -> None:
     """Accuracy on TASK without and with the --edit edits: each, their paired difference and 95% intervals.
 
@@ -156,7 +160,10 @@ def eval_command(
         allow_overlap=allow_overlap,
         power_effect=power_effect,
         progress=lambda line: err.print(line, highlight=False, markup=False),
+        **placement(device_map, max_memory, offload_folder),
     )
+    if not run.lead:  # a data-parallel eval (torchrun): rank 0 prints and writes
+        return
     result = run.result
     console.print(f"[bold]{run.model_id}[/] on {result.task}: {run.what}", highlight=False)
     for line in result.edits:
@@ -231,6 +238,9 @@ def tune_command(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
     units: Annotated[str, typer.Option(help=UNITS_HELP)] = "auto",
     allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help=OVERLAP_HELP)] = False,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ) -> None:
     """Choose edit factors on the dev split only, then report held-out test accuracy against the unedited model.
 
@@ -259,7 +269,10 @@ def tune_command(
         device=device,
         units=units,
         allow_overlap=allow_overlap,
+        **placement(device_map, max_memory, offload_folder),
     )
+    if not run.lead:  # a data-parallel tune (torchrun): rank 0 prints and writes
+        return
     result = run.result
     console.print(
         f"[bold]{run.model_id}[/]: tuned on {result.dev_task} ({run.dev_items} items), reported on "

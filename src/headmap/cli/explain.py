@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .app import app, console, err
+from .options import DeviceMap, MaxMemory, OffloadFolder, placement
 
 
 @app.command()
@@ -38,6 +39,9 @@ def explain(
     overwrite: Annotated[bool, typer.Option(help="replace an explanation already in --out")] = False,
     seed: Annotated[int, typer.Option(help="seed of the random-order control")] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar over the inputs")] = True,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ) -> None:
     """Attribute the target on each text to its tokens with every method, and measure each method's
     faithfulness (deletion and insertion curves against a random order) and their agreement.
@@ -87,6 +91,7 @@ def explain(
             seed=seed,
             progress=step,
             on_layer=on_layer,
+            **placement(device_map, max_memory, offload_folder),
         )
     finally:
         if bar is not None:

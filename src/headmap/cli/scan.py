@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..errors import ScanInterrupted
 from .app import app, console, err
+from .options import DeviceMap, MaxMemory, OffloadFolder, placement
 
 
 @app.command()
@@ -61,19 +62,9 @@ def scan(
         bool, typer.Option(help="refuse corpus lines longer than --max-length instead of truncating them")
     ] = False,
     report: Annotated[bool, typer.Option(help="also write the HTML report, report.html, into --out")] = False,
-    device_map: Annotated[
-        str | None,
-        typer.Option(
-            help="spread the layers over devices (accelerate): auto, balanced, sequential, or a JSON file of "
-            "module -> device (cpu, disk, GPU index); --device is then not used"
-        ),
-    ] = None,
-    max_memory: Annotated[
-        str | None, typer.Option(help="per-device budgets for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
-    ] = None,
-    offload_folder: Annotated[
-        Path | None, typer.Option(help="where --device-map puts disk-offloaded weights (default: a temporary folder)")
-    ] = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     shard: Annotated[
         str | None,
         typer.Option(help="scan shard I of N only (0-based, e.g. 0/4): a contiguous run of whole batches"),
@@ -107,9 +98,7 @@ def scan(
                 resume=resume,
                 checkpoint_every_s=checkpoint_every,
                 strict=strict,
-                device_map=device_map,
-                max_memory=max_memory,
-                offload_folder=offload_folder,
+                **placement(device_map, max_memory, offload_folder),
                 shard=shard,
             )
     except KeyboardInterrupt as exc:  # typer would swallow it into a bare exit code: say what was kept

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .app import app, console
+from .options import DeviceMap, MaxMemory, OffloadFolder, placement
 
 #: Characters a generation may hold that a table cell would show as blank space: shown escaped instead.
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -40,6 +41,9 @@ def steer(
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ) -> None:
     """Generate greedily from --prompt without and with the --edit edits, and print both side by side.
 
@@ -57,6 +61,7 @@ def steer(
         atlas=atlas,
         dtype=dtype,
         device=device,
+        **placement(device_map, max_memory, offload_folder),
     )
     console.print(f"[bold]{result.model_id}[/]", highlight=False)
     for line in result.edits:

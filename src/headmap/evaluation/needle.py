@@ -15,8 +15,9 @@ import torch
 
 from ..corpus import load_corpus, pad_batch, parse_spec
 from ..errors import TaskError
-from ..models import greedy_decode
+from ..models import greedy_decode, input_device
 from ..models import pad_id as tokenizer_pad_id
+from ..parallel import split_work
 from .editing import describe_edits
 from .scoring import DEFAULT_BOOTSTRAP, EvalResult, compare, engine_with
 
@@ -29,16 +30,17 @@ def greedy_answers(
     batch_size: int = 4,
 ) -> list[list[int]]:
     """Greedy continuation of each sample (``ids``) for as many tokens as its ``info['answer_ids']``."""
-    device = next(model.parameters()).device
-    out: list[list[int]] = []
-    with torch.no_grad(), engine_with(model, edits):
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
-            steps = max(len(s.info["answer_ids"]) for s in chunk)
-            ids, mask = pad_batch([s.ids for s in chunk], pad_id)
-            gen = greedy_decode(model, ids.to(device), mask.to(device), steps).tolist()
-            out += [row[: len(s.info["answer_ids"])] for row, s in zip(gen, chunk, strict=True)]
-    return out
+    device = input_device(model)
+    chunks = [samples[start : start + batch_size] for start in range(0, len(samples), batch_size)]
+
+    def answer(chunk: Sequence) -> list[list[int]]:
+        steps = max(len(s.info["answer_ids"]) for s in chunk)
+        ids, mask = pad_batch([s.ids for s in chunk], pad_id)
+        gen = greedy_decode(model, ids.to(device), mask.to(device), steps).tolist()
+        return [row[: len(s.info["answer_ids"])] for row, s in zip(gen, chunk, strict=True)]
+
+    with torch.no_grad(), engine_with(model, edits):  # under torchrun each rank decodes its share of the batches
+        return [row for rows in split_work(chunks, answer) for row in rows]
 
 
 def needle_spec(spec: str) -> str:

@@ -17,6 +17,7 @@ from .. import stats
 from ..corpus import parse_spec
 from ..errors import OptionError, OutputError, TaskError
 from ..models import load_model, pad_id
+from ..parallel import Ranks, sharing
 from ..rundir import check_writable, write_file, write_text
 from . import heldout
 from .controls import DEFAULT_CONTROLS, MATCHES, RandomControls, draw_controls, random_head_controls
@@ -83,9 +84,10 @@ class EvalRun:
     controls: RandomControls | None
     edited: bool  # whether any --edit was given
     checks: list = field(default_factory=list)  # held-out checks against the atlas's corpus
+    lead: bool = True  # False on ranks other than 0 of a data-parallel run: they write nothing
 
     def write(self, out: Path) -> list[Path]:
-        return write_results(out, self.items, self.summary)
+        return write_results(out, self.items, self.summary) if self.lead else []
 
 
 def run_eval(
@@ -107,6 +109,9 @@ def run_eval(
     allow_overlap: bool = False,
     power_effect: float | None = None,
     progress: Callable[[str], None] | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> EvalRun:
     """``headmap eval``: accuracy on ``task`` without and with ``edits`` (specs), and ``random_heads``
     random-head controls (default: 20 when the edits name heads, drawn from the same layers; 0 otherwise).
@@ -119,8 +124,48 @@ def run_eval(
     comparison needs to detect a difference of that size with 80% power at the base accuracy and
     discordance measured here (:func:`stats.paired_sample_size`). Every option, the task, the edits
     and ``out`` are checked before the model loads; the edits are bound to the model before any scoring.
+
+    ``device_map``, ``max_memory``, ``offload_folder``: model parallel placement (:func:`headmap.load_model`).
+    Started by ``torchrun --nproc-per-node N -m headmap eval ...`` (or ``accelerate launch``), the ranks
+    check that they run the same evaluation (:func:`fingerprint`), each scores its share of the batches,
+    every rank gathers every item's outcome, and only rank 0 writes (:attr:`EvalRun.lead`); the per-item
+    outcomes equal a single process's bit for bit (every batch is the one a single process runs).
     ``progress`` receives one line as each condition (base, edited, every control) is done."""
-    say = progress or (lambda _msg: None)
+    ranks = Ranks.start(device)
+    try:
+        return _run_eval(
+            ranks, model, task, edits, atlas, out, limit, random_heads, batch_size, max_length, bootstrap, seed,
+            dtype, ranks.device(device) if ranks else device, units, control_heads, allow_overlap, power_effect,
+            {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder},
+            progress if progress is not None and (ranks is None or ranks.leader) else (lambda _msg: None),
+        )  # fmt: skip
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _run_eval(
+    ranks: Ranks | None,
+    model: str | None,
+    task: str,
+    edits: list[str] | None,
+    atlas: Path | None,
+    out: Path | None,
+    limit: int | None,
+    random_heads: int | None,
+    batch_size: int,
+    max_length: int | None,
+    bootstrap: int,
+    seed: int,
+    dtype: str,
+    device: str,
+    units: str,
+    control_heads: str,
+    allow_overlap: bool,
+    power_effect: float | None,
+    placement: dict[str, Any],
+    say: Callable[[str], None],
+) -> EvalRun:
     specs = list(edits or [])
     if random_heads is not None and random_heads < 0:
         raise OptionError(f"--random-heads must be 0 or more (got {random_heads})")
@@ -152,12 +197,16 @@ def run_eval(
     if task_obj is not None and atlas_obj is not None:  # before the model loads
         checks.append(heldout.check(atlas_side, heldout.from_items(task_obj.items, f"task {task}"), allow_overlap))
     edit_objs = build_edits(specs, atlas_obj)  # unknown names and bad values fail here
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=device, **placement)
     prepare_edits(edit_objs, lm.tokenizer, lm.model)  # heads the model does not have fail here
     if random_heads is None:
         named = any(getattr(e, "heads", None) is not None for e in edit_objs)
         random_heads = DEFAULT_CONTROLS if named else 0
     draws = draw_controls(edit_objs, lm.model, random_heads, control_heads)
+    options = {
+        "limit": limit, "batch_size": batch_size, "max_length": max_length, "bootstrap": bootstrap, "seed": seed,
+        "units": units, "control_heads": control_heads, "random_heads": random_heads, "task": task,
+    }  # fmt: skip
     if needle:
         length = max_length or NEEDLE_LENGTH
         batch = max(1, min(batch_size, NEEDLE_BATCH))
@@ -168,7 +217,10 @@ def run_eval(
         if units == "clusters" and any(s.info.get("cluster") is None for s in needles.samples):
             raise TaskError("the needle inputs have no cluster ids (field 'cluster'); use --units items")
         started = time.perf_counter()
-        base = greedy_answers(lm.model, needles.samples, pad_id(lm.tokenizer), (), batch)
+        inputs = [[list(s.ids), list(s.info["answer_ids"]), s.info.get("cluster")] for s in needles.samples]
+        agree(ranks, "eval", lm, inputs, specs, edit_objs, draws, dtype, options)
+        with sharing(ranks):
+            base = greedy_answers(lm.model, needles.samples, pad_id(lm.tokenizer), (), batch)
         say(f"base: {len(needles)} needle inputs, {time.perf_counter() - started:.1f} s")
 
         def score_one(edits: list) -> EvalResult:
@@ -186,7 +238,9 @@ def run_eval(
                 checks.append(heldout.check(atlas_side, side, allow_overlap))
         assert task_obj is not None
         started = time.perf_counter()
-        base_pred = predict(lm.model, lm.tokenizer, task_obj, (), batch_size, max_length)
+        agree(ranks, "eval", lm, _item_rows(task_obj), specs, edit_objs, draws, dtype, options)
+        with sharing(ranks):
+            base_pred = predict(lm.model, lm.tokenizer, task_obj, (), batch_size, max_length)
         say(f"base: {len(task_obj)} items, {time.perf_counter() - started:.1f} s")
 
         def score_one(edits: list) -> EvalResult:
@@ -218,7 +272,8 @@ def run_eval(
         )
         return out
 
-    result = score(edit_objs)
+    with sharing(ranks):
+        result = score(edit_objs)
     summary: dict[str, Any] = {
         "model": lm.model_id,
         **result.summary(),
@@ -230,10 +285,12 @@ def run_eval(
     controls = None
     items = result.items.copy()
     if draws:
-        controls = random_head_controls(result, draws, score, bootstrap, seed, control_heads)
+        with sharing(ranks):
+            controls = random_head_controls(result, draws, score, bootstrap, seed, control_heads)
         items = controls.items
         summary.update(controls.summary())
-    return EvalRun(lm.model_id, result, needle, what, items, summary, controls, bool(specs), checks)
+    lead = ranks is None or ranks.leader
+    return EvalRun(lm.model_id, result, needle, what, items, summary, controls, bool(specs), checks, lead)
 
 
 def power_summary(result: EvalResult, effect: float) -> dict[str, Any]:
@@ -266,8 +323,11 @@ class TuneRun:
     neutral: float
     summary: dict[str, Any]
     checks: list = field(default_factory=list)
+    lead: bool = True  # False on ranks other than 0 of a data-parallel run: they write nothing
 
     def write(self, out: Path) -> list[Path]:
+        if not self.lead:
+            return []
         return write_results(out, self.result.test.items, self.summary, {"dev": self.result.dev})
 
 
@@ -289,12 +349,51 @@ def run_tune(
     device: str = "cpu",
     units: str = "auto",
     allow_overlap: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> TuneRun:
     """``headmap tune``: factors chosen on ``task_dev``, held-out accuracy on ``task_test``. The
     templates, the grid, the tasks, every edit at every factor and ``out`` are checked before the
     model loads. Dev and test (and the atlas's corpus, with ``atlas``) must read disjoint items,
     needles, haystacks and prose unless ``allow_overlap``; RULER-style tasks are generated so that
-    they do (test avoids dev's needles and prose, both avoid the atlas's)."""
+    they do (test avoids dev's needles and prose, both avoid the atlas's).
+
+    ``device_map``, ``max_memory``, ``offload_folder``: as in :func:`run_eval`; so is data parallel under
+    torchrun (each rank scores its share of every batch list, only rank 0 writes)."""
+    ranks = Ranks.start(device)
+    try:
+        return _run_tune(
+            ranks, model, task_dev, task_test, templates, grid, neutral, atlas, out, limit, batch_size, max_length,
+            bootstrap, seed, dtype, ranks.device(device) if ranks else device, units, allow_overlap,
+            {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder},
+        )  # fmt: skip
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _run_tune(
+    ranks: Ranks | None,
+    model: str | None,
+    task_dev: str,
+    task_test: str,
+    templates: list[str] | None,
+    grid: str,
+    neutral: float,
+    atlas: Path | None,
+    out: Path | None,
+    limit: int | None,
+    batch_size: int,
+    max_length: int | None,
+    bootstrap: int,
+    seed: int,
+    dtype: str,
+    device: str,
+    units: str,
+    allow_overlap: bool,
+    placement: dict[str, Any],
+) -> TuneRun:
     templates = list(templates or [])
     if not templates:
         raise OptionError("tune needs at least one --edit-template, e.g. scale_first_token:heads=[[0,1]]:factor={f}")
@@ -331,30 +430,37 @@ def run_tune(
     for t in templates:  # every template must make valid edits at every factor, before the model loads
         for f in {*factors, neutral}:
             build_edits([t.replace("{f}", repr(float(f)))], atlas_obj)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=device, **placement)
     exclude = [atlas_side.as_exclude()] if atlas_side.recorded else []
     if dev is None:
         dev = ruler_task(task_dev, lm.tokenizer, lm.max_length, limit, exclude or None)
     if test is None:
         test = ruler_task(task_test, lm.tokenizer, lm.max_length, limit, [*exclude, *_item_dicts(dev)])
     checks = checks_of(dev, test)
-    result = tune(
-        lm.model,
-        lm.tokenizer,
-        dev,
-        test,
-        templates,
-        factors,
-        neutral=neutral,
-        atlas=atlas_obj,
-        batch_size=batch_size,
-        max_length=max_length,
-        bootstrap=bootstrap,
-        seed=seed,
-        units=units,
-    )
+    options = {
+        "limit": limit, "batch_size": batch_size, "max_length": max_length, "bootstrap": bootstrap, "seed": seed,
+        "units": units, "grid": grid, "neutral": neutral, "templates": templates, "tasks": [task_dev, task_test],
+    }  # fmt: skip
+    agree(ranks, "tune", lm, [_item_rows(dev), _item_rows(test)], [], [], [], dtype, options)
+    with sharing(ranks):
+        result = tune(
+            lm.model,
+            lm.tokenizer,
+            dev,
+            test,
+            templates,
+            factors,
+            neutral=neutral,
+            atlas=atlas_obj,
+            batch_size=batch_size,
+            max_length=max_length,
+            bootstrap=bootstrap,
+            seed=seed,
+            units=units,
+        )
     summary = {"model": lm.model_id, **result.summary(), "held_out": [c.as_dict() for c in checks]}
-    return TuneRun(lm.model_id, result, len(dev), len(test), neutral, summary, checks)
+    lead = ranks is None or ranks.leader
+    return TuneRun(lm.model_id, result, len(dev), len(test), neutral, summary, checks, lead)
 
 
 def _item_dicts(task: Task) -> list[dict[str, Any]]:
@@ -362,3 +468,61 @@ def _item_dicts(task: Task) -> list[dict[str, Any]]:
     return [
         {**it.info, "needles": it.info.get("needles") or [], "haystack": it.info.get("haystack")} for it in task.items
     ]
+
+
+# -- data parallel ----------------------------------------------------------------------------------
+
+
+def _item_rows(task: Task) -> list[list[Any]]:
+    """What decides an item's scores: its id, context, options, answer and cluster."""
+    return [[it.id, it.context, list(it.options), it.answer, it.cluster] for it in task.items]
+
+
+def fingerprint(
+    lm: Any, inputs: Any, specs: list[str], edits: list, draws: list, dtype: str, options: dict[str, Any]
+) -> dict[str, Any]:
+    """What every rank of a data-parallel eval or tune must share, field by field: the model (its config and
+    a checksum of its weights' shapes), the inputs (a SHA-256 of every item), the edits as given and as
+    resolved, the random-head controls drawn, the dtype, the options and the software versions."""
+    import hashlib
+    import importlib.metadata
+
+    import torch
+
+    def sha(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    shapes = [[name, list(p.shape), str(p.dtype)] for name, p in lm.model.named_parameters()]
+    software = {"torch": torch.__version__}
+    for name in ("transformers", "headmap"):
+        try:
+            software[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            software[name] = None
+    return {
+        "model": f"{lm.model_id} (config {sha(lm.model.config.to_dict())[:12]}, weights {sha(shapes)[:12]})",
+        "inputs": f"{len(inputs)} inputs, sha256 {sha(inputs)[:16]}",
+        "edits": list(specs),
+        "resolved edits": [e.describe() for e in edits],
+        "random-head controls": [[d.draw, [e.describe() for e in d.edits]] for d in draws],
+        "dtype": dtype,
+        **{f"--{k.replace('_', '-')}": v for k, v in options.items()},
+        "software": software,
+    }
+
+
+def agree(
+    ranks: Ranks | None,
+    what: str,
+    lm: Any,
+    inputs: Any,
+    specs: list[str],
+    edits: list,
+    draws: list,
+    dtype: str,
+    options: dict[str, Any],
+) -> None:
+    """Under torchrun: stop every rank, naming the field, when the ranks' runs differ (before any scoring)."""
+    if ranks is None:
+        return
+    ranks.agree_on(fingerprint(lm, inputs, specs, edits, draws, dtype, options), what)

@@ -27,8 +27,9 @@ from .. import stats
 from ..corpus import Tokens, pad_batch
 from ..engine import observe
 from ..errors import OptionError, TaskError
-from ..models import logits_to_keep, position_ids
+from ..models import input_device, logits_to_keep, position_ids
 from ..models import pad_id as tokenizer_pad_id
+from ..parallel import split_work
 from .editing import describe_edits
 from .tasks import Task, TaskItem, load_task
 
@@ -101,7 +102,7 @@ def score_token_pairs(
     """
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1 (got {batch_size})")
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows = []
     for ctx, cont in pairs:
         if not ctx or not cont:
@@ -117,22 +118,28 @@ def score_token_pairs(
     order = sorted(
         (i for i in range(len(rows)) if i not in shared), key=lambda i: -len(rows[i][0])
     )  # similar lengths share a batch
+    # work units: each shared context, each batch; under torchrun each rank scores its share (split_work)
+    units = [(ctx, members) for ctx, members in _groups(pairs, shared)]
+    units += [(None, order[start : start + batch_size]) for start in range(0, len(order), batch_size)]
+
+    def score(unit: tuple[list[int] | None, list[int]]) -> list[Continuation]:
+        ctx, chunk = unit
+        if ctx is not None:
+            return _score_shared(model, ctx, [rows[i][1] for i in chunk], device)
+        tail = max(len(rows[i][1]) for i in chunk)  # positions whose logits are read
+        ids, mask = pad_batch([rows[i][0] for i in chunk], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        kwargs = logits_to_keep(model, tail)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), **kwargs).logits
+        logp = torch.log_softmax(logits[:, -tail:].float(), dim=-1)
+        # the last len(cont) positions predict the continuation's tokens
+        return [_continuation(logp[r, tail - len(rows[i][1]) :], rows[i][1], device) for r, i in enumerate(chunk)]
+
     with torch.no_grad(), engine_with(model, edits):
-        for ctx, members in _groups(pairs, shared):
-            for i, c in zip(members, _score_shared(model, ctx, [rows[i][1] for i in members], device), strict=True):
-                out[i] = c
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            tail = max(len(rows[i][1]) for i in chunk)  # positions whose logits are read
-            ids, mask = pad_batch([rows[i][0] for i in chunk], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            kwargs = logits_to_keep(model, tail)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), **kwargs).logits
-            logp = torch.log_softmax(logits[:, -tail:].float(), dim=-1)
-            for r, i in enumerate(chunk):
-                cont = rows[i][1]
-                # the last len(cont) positions predict the continuation's tokens
-                out[i] = _continuation(logp[r, tail - len(cont) :], cont, device)
+        scored = split_work(units, score)
+    for (_, chunk), got in zip(units, scored, strict=True):
+        for i, c in zip(chunk, got, strict=True):
+            out[i] = c
     return [c for c in out if c is not None]
 
 

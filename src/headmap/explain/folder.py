@@ -92,11 +92,15 @@ def run_explain(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     on_layer: Callable[[str, int, int], None] | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> ExplainRun:
     """Explain ``target`` on the texts with ``methods``; write attributions.parquet, faithfulness.parquet,
     explain.json and explain.html (token strips and deletion curves) into ``out``.
 
-    ``progress(done, total)`` is called after each batch of texts."""
+    ``progress(done, total)`` is called after each batch of texts. ``device_map``, ``max_memory``,
+    ``offload_folder``: model parallel placement (:func:`headmap.load_model`)."""
     texts = read_texts(text, corpus)
     chosen = resolve_methods(parse_methods(methods, steps))
     if max_length is not None and max_length < 1:
@@ -105,7 +109,8 @@ def run_explain(
         raise OptionError(f"--batch-size must be at least 1 (got {batch_size})")
     out = Path(out)
     check_out(out, overwrite)
-    loaded = load_model(model, dtype=dtype, device=device)
+    placed = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    loaded = load_model(model, dtype=dtype, device=device, **placed)
     started = time.perf_counter()
     done = [0]
 

@@ -204,18 +204,25 @@ class TokenProbe(Probe):
 
     # -- helpers -----------------------------------------------------------------------------
     def _track(self, block: Block) -> Pending:
+        """The forward's pending rows, updated with ``block``. Under a device map the layers sit on several
+        devices: the pending state stays on the first layer's device and each later block's tensors are
+        moved there (a no-op on one device) before they are compared or combined."""
         rows = block.query_valid.shape[0]
         pend = self._pending
         if pend is None:
             start = block.item_start.to(torch.long).clone()
             last = torch.full_like(start, -1)
             pend = self._pending = Pending(rows, start, last)
-        elif pend.rows != rows or not torch.equal(pend.item_start, block.item_start.to(torch.long)):
+        elif pend.rows != rows or not torch.equal(
+            pend.item_start, block.item_start.to(device=pend.item_start.device, dtype=torch.long)
+        ):
             raise ProbeError(
                 f"{self.name} reads one forward pass per batch of inputs; a second forward came before the "
                 "commit (generation or a manual commit): commit after every forward"
             )
-        q = torch.where(block.query_valid, block.q_pos[None, :].to(torch.long), torch.full_like(pend.last[:, None], -1))
+        home = pend.last.device
+        valid, q_pos = block.query_valid.to(home), block.q_pos.to(device=home, dtype=torch.long)
+        q = torch.where(valid, q_pos[None, :], torch.full_like(pend.last[:, None], -1))
         torch.maximum(pend.last, q.max(dim=1).values, out=pend.last)
         pend.layers.add(block.layer)
         return pend

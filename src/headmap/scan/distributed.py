@@ -20,112 +20,26 @@ exit. The same command with ``--resume`` goes on from every rank's own checkpoin
 
 from __future__ import annotations
 
-import datetime
-import os
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from ..errors import HeadmapError, OptionError, ProbeError
+from .. import parallel
+from ..errors import OptionError, ProbeError
 from ..probes import Probe
 
-T = TypeVar("T")
-
 RANK_DIR = ".headmap-rank-{rank}-of-{world}"
-#: how long ranks wait for each other at a collective (a rank still loading a big model included)
-TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("HEADMAP_DIST_TIMEOUT_MIN", "60")))
-
-
-def launched() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when started by torchrun / accelerate launch with more than one rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return None
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
 @dataclass
-class Ranks:
-    """This process's place in a data-parallel scan, and the collectives it uses."""
-
-    rank: int
-    world: int
-    local_rank: int
-    owns_group: bool = False  # this module started the process group (and ends it)
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def start(cls, device: str) -> Ranks | None:
-        """Join the process group torchrun describes (None for a single process)."""
-        where = launched()
-        if where is None:
-            return None
-        import torch
-        import torch.distributed as dist
-
-        rank, world, local = where
-        gpu = torch.cuda.is_available() and str(device).split(":")[0] in ("cuda", "auto")
-        if gpu:
-            torch.cuda.set_device(local)
-        owns = False
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if gpu else "gloo", timeout=TIMEOUT)
-            owns = True
-        if dist.get_world_size() != world:
-            raise OptionError(f"WORLD_SIZE says {world} ranks, the process group has {dist.get_world_size()}")
-        return cls(rank, world, local, owns)
-
-    def device(self, device: str) -> str:
-        """Each rank's own GPU (LOCAL_RANK) where the command says cuda; else the command's device."""
-        import torch
-
-        if str(device) in ("cuda", "auto") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return device
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value`` (picklable), in rank order, on every rank."""
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
-
-    def to_leader(self, value: Any) -> list[Any] | None:
-        """Every rank's ``value`` in rank order on rank 0 (None elsewhere): the states travel to rank 0 only."""
-        import torch.distributed as dist
-
-        out: list[Any] | None = [None] * self.world if self.leader else None
-        dist.gather_object(value, out, dst=0)
-        return out
-
-    def together(self, step: Callable[[], T]) -> T:
-        """Run ``step`` on this rank; when it raises a HeadmapError on any rank, raise on every rank.
-
-        The first failing rank's message is raised everywhere (as an OptionError on the others), so
-        that all ranks stop at the same point with the same one line, instead of waiting at the next
-        collective for a rank that is gone.
-        """
-        result, error = None, None
-        try:
-            result = step()
-        except HeadmapError as exc:
-            error = exc
-        errors = self.gather(None if error is None else f"{type(error).__name__}\x00{error}")
-        if error is not None:
-            raise error
-        for rank, text in enumerate(errors):
-            if text is not None:
-                raise OptionError(f"rank {rank} stopped: {text.split(chr(0), 1)[1]}")
-        return result  # type: ignore[return-value]
+class Ranks(parallel.Ranks):
+    """This process's place in a data-parallel scan (:class:`headmap.parallel.Ranks`), with the scan's
+    fingerprint check and its rank checkpoint folders."""
 
     def agree(self, fingerprint: dict[str, Any], out: Path | None, resume: bool) -> None:
         """Refuse ranks whose run differs from rank 0's (fingerprint fields, output folder, --resume)."""
@@ -148,17 +62,6 @@ class Ranks:
     def folder(self, out: Path | None) -> Path | None:
         """This rank's checkpoint folder inside the run folder."""
         return None if out is None else out / RANK_DIR.format(rank=self.rank, world=self.world)
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def rank_folders(out: Path) -> list[Path]:
