@@ -98,7 +98,8 @@ def analyse(out: Path, rows: list[dict]) -> None:
     # the token explained: the model's greedy next token; right when it is the answer's first token
     right = _greedy_right(out, rows)
     lines.append(f"model's next token = the answer's first token: {sum(right)}/{len(rows)}")
-    table = ["| method | share on needle sentence | share / token share | best rank of a number token | top-1 in sentence | n |"]
+    head = "| method | share on needle sentence | share / token share | best rank of a number token | top-1 in sentence"
+    table = [head + " | n |"]
     table.append("| --- | --- | --- | --- | --- | --- |")
     per = []
     for method in frame.method.unique():
@@ -115,8 +116,16 @@ def analyse(out: Path, rows: list[dict]) -> None:
             ranks[order] = np.arange(1, v.size + 1)
             rank.append(min(ranks[i] for i in r["number"] if i < v.size))
             top.append(float(order[0] in sent))
-            per.append({"method": method, "sample": s, "share": share[-1], "rank": rank[-1], "top1": top[-1],
-                        "right": right[s]})
+            per.append(
+                {
+                    "method": method,
+                    "sample": s,
+                    "share": share[-1],
+                    "rank": rank[-1],
+                    "top1": top[-1],
+                    "right": right[s],
+                }
+            )
         table.append(
             f"| {method} | {_mean_se(share)} | {_mean_se(ratio)} | {_mean_se(rank)} "
             f"(median {np.median(rank):.0f}) | {_mean_se(top)} | {len(rows)} |"
@@ -145,12 +154,16 @@ def _greedy_right(out: Path, rows: list[dict]) -> list[bool]:
 def summary(folder: str) -> str:
     faith = pd.read_parquet(Path(folder) / "faithfulness.parquet")
     meta = json.loads((Path(folder) / "explain.json").read_text())
-    out = [f"{meta['model']}, target {meta['target']}, {meta['inputs']} inputs, {meta['tokens']} tokens in all,"
-           f" {meta['wall_time_s']} s"]
+    out = [
+        f"{meta['model']}, target {meta['target']}, {meta['inputs']} inputs, {meta['tokens']} tokens in all,"
+        f" {meta['wall_time_s']} s"
+    ]
     if meta.get("integrated_gradients_gap"):
         gaps = np.asarray(meta["integrated_gradients_gap"])
         steps = meta["methods"].get("integrated_gradients", {}).get("steps")
-        out.append(f"integrated gradients ({steps} steps) completeness gap: median {np.median(gaps):.3g}, max {gaps.max():.3g}")
+        out.append(
+            f"integrated gradients ({steps} steps) completeness gap: median {np.median(gaps):.3g}, max {gaps.max():.3g}"
+        )
     out.append("")
     out.append("| method | comprehensiveness | sufficiency | p (comp. above random) | n |")
     out.append("| --- | --- | --- | --- | --- |")
@@ -167,7 +180,8 @@ def summary(folder: str) -> str:
         for (a, b), g in pairs.groupby(["method", "other"], sort=False):
             g = g.set_index("metric")
             sp, tk = g.loc["spearman"], g.loc["top5_overlap"]
-            out.append(f"| {a} / {b} | {sp.value:.3f} ± {sp.stderr:.3f} | {tk.value:.3f} ± {tk.stderr:.3f} | {int(sp.n)} |")
+            cells = f"{sp.value:.3f} ± {sp.stderr:.3f} | {tk.value:.3f} ± {tk.stderr:.3f}"
+            out.append(f"| {a} / {b} | {cells} | {int(sp.n)} |")
     text = "\n".join(out) + "\n"
     print(text)
     return text

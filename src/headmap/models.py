@@ -392,8 +392,10 @@ def device_text(model: Any) -> str:
 
 
 def _model_class(config: Any):
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        return AutoModelForSequenceClassification  # its head kept: explain's class:N reads it
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 
