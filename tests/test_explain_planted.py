@@ -24,11 +24,12 @@ among the other tokens, top-1 counts:
 - attn_grad (Chefer et al. 2021) 7/16; on the other 9 the answer falls to rank 2 (once) or to
   13-19 of ~20. Compared against a brute force from eager attentions and autograd on this model
   (max difference 1.4e-6 in float32; the formula is right). The cause is the rule itself: Chefer's
-  relevance keeps (dA ⊙ A)^+, the positive part of the *raw* gradient dy/dA. At the induction head
-  the answer holds 0.7-0.95 of the attention, so more weight on it mostly scales the head's output
-  in its own direction, which the final RMSNorm undoes; with the prediction saturated (p = 0.989 to
-  0.9994 on the misses) what is left of dy/dA[t, answer] is small and on those inputs negative, and
-  the clamp drops the answer's only path. Asserted: every input where attn_grad misses the answer's
+  relevance keeps (dA ⊙ A)^+, the positive part of the *raw* gradient dy/dA, and on those 8 inputs
+  dy/dA[t, answer] at the induction head is negative (-3.1e-2 to -5.7e-4), so the clamp drops the
+  answer's only path. Our reading of why: the answer holds 0.7-0.95 of the head's attention, so more
+  weight on it mostly scales the head's output in its own direction, which the final RMSNorm undoes,
+  and with the prediction saturated (p = 0.989 to 0.9994 on the misses) the small gradient left
+  takes either sign. Asserted: every input where attn_grad misses the answer's
   top two has dy/dA[t, answer] <= 0 at the induction head (computed here by eager autograd), and
   attn_grad is right on at least a quarter of the inputs (chance: about 1 in 20 per input). The head
   mean plays no part in the ranking (the pruned heads' dA is ~0 and the mean scales every column
