@@ -41,13 +41,14 @@ def _mean_se(values) -> str:
     return f"{arr.mean():.3f} ± {se:.3f}"
 
 
-def prompts(length: int, limit: int) -> tuple[list[dict], object]:
+def prompts(length: int, limit: int, echo: bool = False) -> tuple[list[dict], object]:
     from headmap.corpus import load_corpus
     from headmap.models import load_model
 
     loaded = load_model("smollm2", dtype="float32", device="cpu")
     tok = loaded.tokenizer
-    corpus = load_corpus(f"needle:lengths={length}", tok, max_length=length, limit=limit, seed=0)
+    spec = f"needle:lengths={length}" + (":echo=1" if echo else "")
+    corpus = load_corpus(spec, tok, max_length=length, limit=limit, seed=0)
     out = []
     for s in corpus.samples:
         text = tok.decode(s.ids, skip_special_tokens=False)
@@ -66,6 +67,7 @@ def prompts(length: int, limit: int) -> tuple[list[dict], object]:
                 "sentence": sentence,
                 "number": number,
                 "answer_first": int(s.info["answer_ids"][0]),
+                "answer_ids": [int(t) for t in s.info["answer_ids"]],
                 "depth": s.info["depth"],
                 "needle_id": s.info["needle_id"],
             }
@@ -76,28 +78,29 @@ def prompts(length: int, limit: int) -> tuple[list[dict], object]:
 def needle(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, _ = prompts(args.length, args.limit)
+    rows, _ = prompts(args.length, args.limit, args.echo)
     (out / "needle.json").write_text(json.dumps(rows, indent=1))
     argv = ["headmap", "explain", "smollm2"]
     for r in rows:
         argv += ["--text", r["text"]]
-    argv += ["--target", "next", "--methods", args.methods, "--steps", str(args.steps)]
+    argv += ["--target", args.target, "--methods", args.methods, "--steps", str(args.steps)]
     argv += ["--batch-size", str(args.batch_size), "--out", str(out / "explain"), "--overwrite", "--no-progress"]
     (out / "command.json").write_text(json.dumps(argv, indent=1))
     if not args.analyse_only:
         subprocess.run([sys.executable, "-m", "headmap", *argv[1:]], check=True, env=os.environ)
-    analyse(out, rows)
+    analyse(out, rows, args.target)
 
 
-def analyse(out: Path, rows: list[dict]) -> None:
+def analyse(out: Path, rows: list[dict], target: str = "next") -> None:
+    span = int(target.split(":")[1]) if target.startswith("span:") else 1
     frame = pd.read_parquet(out / "explain" / "attributions.parquet")
     lines = [f"inputs: {len(rows)}; prompt tokens: {sorted({r['tokens'] for r in rows})}"]
     lines.append(f"re-tokenised prompt equals the corpus ids: {sum(r['ids_equal'] for r in rows)}/{len(rows)}")
     meta = json.loads((out / "explain" / "explain.json").read_text())
     lines.append(f"explain wall time: {meta['wall_time_s']} s")
     # the token explained: the model's greedy next token; right when it is the answer's first token
-    right = _greedy_right(out, rows)
-    lines.append(f"model's next token = the answer's first token: {sum(right)}/{len(rows)}")
+    right = _greedy_right(out, rows, span)
+    lines.append(f"the model's greedy {span} token(s) = the answer's first {span}: {sum(right)}/{len(rows)}")
     head = "| method | share on needle sentence | share / token share | best rank of a number token | top-1 in sentence"
     table = [head + " | n |"]
     table.append("| --- | --- | --- | --- | --- | --- |")
@@ -106,7 +109,7 @@ def analyse(out: Path, rows: list[dict]) -> None:
         share, ratio, rank, top = [], [], [], []
         for s, r in enumerate(rows):
             sub = frame[(frame["sample"] == s) & (frame.method == method)].sort_values("position")
-            v = sub.value.to_numpy()[:-1]  # the target row (last token) left out
+            v = sub.value.to_numpy()[:-span]  # the target rows (the last, and the generated tokens) left out
             a = np.abs(v)
             sent = [i for i in r["sentence"] if i < v.size]
             share.append(a[sent].sum() / a.sum() if a.sum() > 0 else float("nan"))
@@ -136,8 +139,8 @@ def analyse(out: Path, rows: list[dict]) -> None:
     print(text)
 
 
-def _greedy_right(out: Path, rows: list[dict]) -> list[bool]:
-    """Whether the model's greedy next token is the answer's first token (one forward per prompt)."""
+def _greedy_right(out: Path, rows: list[dict], span: int = 1) -> list[bool]:
+    """Whether the model's greedy first ``span`` tokens are the answer's first ``span`` tokens."""
     import torch
 
     from headmap.models import load_model
@@ -147,7 +150,12 @@ def _greedy_right(out: Path, rows: list[dict]) -> list[bool]:
     with torch.no_grad():
         for r in rows:
             ids = loaded.tokenizer(r["text"], add_special_tokens=True, return_tensors="pt")["input_ids"]
-            right.append(int(loaded.model(ids).logits[0, -1].argmax()) == r["answer_first"])
+            got = []
+            for _ in range(span):
+                token = int(loaded.model(ids).logits[0, -1].argmax())
+                got.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            right.append(got == r.get("answer_ids", [r["answer_first"]])[:span])
     return right
 
 
@@ -197,6 +205,8 @@ def main() -> None:
     n.add_argument("--steps", type=int, default=8)
     n.add_argument("--batch-size", type=int, default=5)
     n.add_argument("--methods", default=METHODS)
+    n.add_argument("--target", default="next", help="next, or span:K (the answer's first K tokens, with --echo)")
+    n.add_argument("--echo", action="store_true", help="needle:echo=1: the prompt ends with the needle's own words")
     n.add_argument("--analyse-only", action="store_true")
     s = sub.add_parser("summary")
     s.add_argument("folder")
