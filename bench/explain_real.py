@@ -173,7 +173,7 @@ def summary(folder: str) -> str:
             f"integrated gradients ({steps} steps) completeness gap: median {np.median(gaps):.3g}, max {gaps.max():.3g}"
         )
     out.append("")
-    out.append("| method | comprehensiveness | sufficiency | p (comp. above random) | n |")
+    out.append("| method | comprehensiveness | sufficiency | sign test vs random, two-sided p | n |")
     out.append("| --- | --- | --- | --- | --- |")
     for method in faith.method.unique():
         rows = faith[(faith.method == method) & (faith.other.isin(["", "random"]))].set_index("metric")
