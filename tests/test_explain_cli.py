@@ -6,7 +6,40 @@ import json
 
 import pandas as pd
 import pytest
+import torch
+from conftest import minilm_dir
 from test_cli import assert_one_line_error, run
+
+
+def _save(folder, model) -> str:
+    """Save ``model`` with MiniLM's tokenizer into ``folder``: a model folder the CLI loads."""
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory) -> str:
+    """A tiny random BERT sequence classifier with 3 labels."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_labels=3
+    )
+    return _save(tmp_path_factory.mktemp("tiny-classifier"), BertForSequenceClassification(cfg).eval())
+
+
+@pytest.fixture(scope="module")
+def mamba_dir(tmp_path_factory) -> str:
+    """A tiny random Mamba: no attention, so the attention methods do not apply to it."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, state_size=4))
+    return _save(tmp_path_factory.mktemp("tiny-mamba"), model.eval())
 
 
 def test_explain_writes_the_tables(monkeypatch, capsys, tiny_llama_dir, tmp_path):
@@ -83,3 +116,42 @@ def test_out_that_is_a_file(monkeypatch, capsys, tiny_llama_dir, tmp_path):
     out.write_text("x")
     code, _, err = run(monkeypatch, capsys, "explain", str(tiny_llama_dir), "--text", "a cat", "--out", str(out))
     assert_one_line_error(code, err, "is a file, not a folder")
+
+
+@pytest.mark.parametrize(
+    ("model", "args", "needles"),
+    [
+        ("classifier", ["--target", "class:3"], ["has 3 labels", "0 to 2"]),
+        # the CLI loads models through load_model, which refuses a model the engine cannot observe, before
+        # any method: the line says why (no attention), for gradient methods too (the API still runs those)
+        ("mamba", ["--methods", "saliency,rollout"], ["model type 'mamba'", "has no attention"]),
+        ("llama", ["--target", "similarity:a dog"], ["needs a sentence encoder"]),
+        ("classifier", ["--target", "similarity:"], ["needs a reference text"]),
+    ],
+)
+def test_bad_target_or_method_for_the_model(
+    monkeypatch, capsys, tiny_llama_dir, classifier_dir, mamba_dir, tmp_path, model, args, needles
+):
+    """Issue 12's bad inputs that depend on the model: a class past the labels, a method that does not
+    apply (Mamba has no attention; the line says why); and the similarity target's. Nothing is lost."""
+    folder = {"classifier": classifier_dir, "mamba": mamba_dir, "llama": str(tiny_llama_dir)}[model]
+    out = tmp_path / "ex"
+    out.mkdir()
+    (out / "attributions.parquet").write_text("an earlier run")
+    argv = ["explain", folder, "--text", "a cat", *args, "--out", str(out), "--overwrite", "--no-progress"]
+    code, _, err = run(monkeypatch, capsys, *argv)
+    assert_one_line_error(code, err, *needles)
+    assert (out / "attributions.parquet").read_text() == "an earlier run"
+
+
+def test_a_classifier_folder_keeps_its_head(monkeypatch, capsys, classifier_dir, tmp_path):
+    """class:N through the CLI: the folder loads with its classification head (not as a bare encoder)."""
+    out = tmp_path / "ex"
+    code, _, err = run(
+        monkeypatch, capsys, "explain", classifier_dir, "--text", "a cat sat", "--target", "class:2",
+        "--methods", "saliency,rollout", "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    frame = pd.read_parquet(out / "attributions.parquet")
+    assert set(frame.method) == {"saliency", "rollout"} and (frame.target == "class:2").all()
+    assert frame.value.notna().all() and len(frame) == 2 * 5  # [CLS] a cat sat [SEP]

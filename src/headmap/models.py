@@ -404,10 +404,17 @@ def _is_vlm(config: Any) -> bool:
 
 
 def _model_class(config: Any):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSequenceClassification,
+    )
 
     if _is_vlm(config):
         return AutoModelForImageTextToText
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        return AutoModelForSequenceClassification  # its head kept: explain's class:N reads it
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 

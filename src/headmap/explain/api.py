@@ -119,7 +119,7 @@ def explain(
     """Attribute the target on each text to its tokens: a table (sample, position, token_id, token, method,
     target, value), one row per real token, method and text.
 
-    ``target``: next, token:WORD, contrast:A,B, span:K or class:N (see :mod:`headmap.explain.targets`);
+    ``target``: next, token:WORD, contrast:A,B, span:K, class:N or similarity:TEXT (:mod:`headmap.explain.targets`);
     ``methods``: names of :data:`METHODS` or method objects (e.g. ``IntegratedGradients(steps=64)``).
     Integrated gradients' completeness gap per text is in ``frame.attrs["integrated_gradients_gap"]``.
     ``progress(n)`` is called after each batch with the number of texts it held, ``on_layer(method, done,

@@ -72,7 +72,7 @@ class Job:
         kw: dict[str, Any] = {"attention_mask": self.mask}
         if self.left_pad and "position_ids" in inspect.signature(self.model.forward).parameters:
             kw["position_ids"] = position_ids(self.mask)
-        if self.target.kind != "class":
+        if self.target.lm:
             kw.update(logits_to_keep(self.model, self.keep))
         if embeds is not None:
             kw["inputs_embeds"] = embeds
@@ -87,7 +87,7 @@ class Job:
     def score(self, ids=None, embeds=None, probes=()) -> torch.Tensor:
         """[B] target values on ``ids`` or ``embeds`` (default: the batch)."""
         out = self.outputs(ids=ids, embeds=embeds, probes=probes)
-        return self.target.value(out.logits, self.rows, self.chosen)
+        return self.target.read(out, self.rows, self.chosen, self.mask)
 
 
 def engine_problem(model: nn.Module) -> str | None:
@@ -101,7 +101,7 @@ def engine_problem(model: nn.Module) -> str | None:
 
 def make_job(model: nn.Module, target: Target, rows_ids: list[list[int]], pad: int) -> Job:
     """Pad token id rows into a :class:`Job`; generate what the target explains (next, span)."""
-    causal = target.kind != "class" or is_causal_lm(model.config)  # decoders: left padding, last row
+    causal = target.lm or is_causal_lm(model.config)  # decoders: left padding, last row
     width = max(len(r) for r in rows_ids)
     batch = len(rows_ids)
     device = next(model.parameters()).device
@@ -117,6 +117,8 @@ def make_job(model: nn.Module, target: Target, rows_ids: list[list[int]], pad: i
     if target.kind == "class":
         where = [width - 1] * batch if causal else [0] * batch
         rows[torch.arange(batch), torch.as_tensor(where)] = 1.0
+    elif target.kind == "similarity":  # a mean over every real token: each a target row, weight 1/n
+        rows = mask.double() / mask.sum(dim=1, keepdim=True)
     else:
         rows[:, -1] = 1.0
         chosen[:, -1] = 0 if target.token is None else target.token

@@ -8,21 +8,29 @@
                   log p(A) - log p(B);
 ``span:K``        the sum of log p over K greedily generated tokens (the text plus the first K - 1 of
                   them is the input; its last K positions are the target rows);
-``class:N``       logit N of a sequence classifier (the [CLS] row of an encoder, the last token of a decoder).
+``class:N``       logit N of a sequence classifier (the [CLS] row of an encoder, the last token of a decoder);
+``similarity:TEXT`` the cosine similarity of the input's sentence embedding to TEXT's, for a sentence encoder
+                  (a base model such as BertModel, e.g. all-MiniLM-L6-v2): the embedding is the mean of
+                  the last hidden states over the real tokens, as sentence-transformers pools it, so y is
+                  the very score the encoder was trained to rank sentences by (with no tokenizer, TEXT may
+                  be comma-separated token ids). Every real token is a target row, weight 1/n (the mean).
 
 The target rows (the query rows whose prediction is explained) are what attention methods start from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..errors import ModelError, OptionError
 from ..models import is_causal_lm
 
-KINDS = ("next", "token", "contrast", "span", "class")
+KINDS = ("next", "token", "contrast", "span", "class", "similarity")
+#: Targets read from a language model's next-token logits (the others: a classifier's logits, an encoder's states).
+LM_KINDS = ("next", "token", "contrast", "span")
 
 
 @dataclass(frozen=True)
@@ -35,10 +43,32 @@ class Target:
     foil: int | None = None
     index: int | None = None
     length: int = 1
+    #: similarity: the reference text's sentence embedding [hidden] (mean of its last hidden states)
+    reference: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def generates(self) -> bool:
         return self.kind in ("next", "span")
+
+    @property
+    def lm(self) -> bool:
+        """Read from next-token logits (a causal LM, left padding, the last rows)."""
+        return self.kind in LM_KINDS
+
+    def read(self, out: Any, rows: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B] target values from the model's output object (``mask`` [B, W]: 1 on real tokens)."""
+        if self.kind == "similarity":
+            return self.similarity(out.last_hidden_state, mask)
+        return self.value(out.logits, rows, chosen)
+
+    def similarity(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B] cosine of each input's mean-pooled embedding (``hidden`` [B, W, D] over its real tokens)
+        with the reference embedding; float32 arithmetic at least (float64 for float64 models)."""
+        dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        m = mask.to(dt)[..., None]
+        pooled = (hidden.to(dt) * m).sum(dim=1) / m.sum(dim=1)
+        ref = self.reference.to(device=hidden.device, dtype=dt)
+        return torch.nn.functional.cosine_similarity(pooled, ref[None], dim=-1)
 
     def value(self, logits: torch.Tensor, rows: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """[B] target values from the model's logits.
@@ -78,12 +108,50 @@ def _one_token(word: str, tokenizer, what: str) -> int:
     return ids[0]
 
 
+def _reference(spec: str, text: str, model, tokenizer) -> torch.Tensor:
+    """The sentence embedding of ``text`` (mean of the model's last hidden states over its tokens), detached."""
+    if not text.strip():
+        raise OptionError(f"target '{spec}': similarity needs a reference text, similarity:TEXT")
+    if tokenizer is not None:
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    elif all(t.strip().isdigit() for t in text.split(",")):
+        ids = [int(t) for t in text.split(",")]
+    else:
+        raise OptionError(f"target '{spec}': the reference text needs a tokenizer; pass one, or give token ids 1,2,3")
+    name = type(model).__name__
+    if _is_classifier(model) or is_causal_lm(model.config):
+        raise ModelError(
+            f"target '{spec}' needs a sentence encoder (a base model such as BertModel, e.g. minilm), and {name} "
+            "is a language model or classifier; use next or token:WORD on a language model, class:N on a classifier"
+        )
+    device = next(model.parameters()).device
+    training = model.training
+    model.eval()  # no dropout in the reference's embedding
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids], device=device))
+    finally:
+        model.train(training)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        raise ModelError(
+            f"target '{spec}' needs a sentence encoder whose output has last_hidden_state, and {name} returns "
+            f"{type(out).__name__} without it; load the base model (e.g. AutoModel)"
+        )
+    return hidden[0].double().mean(dim=0)
+
+
 def parse_target(spec: str, model, tokenizer=None) -> Target:
-    """Read a target spec (``next``, ``token:WORD``, ``contrast:A,B``, ``span:K``, ``class:N``) for ``model``."""
+    """Read a target spec (``next``, ``token:WORD``, ``contrast:A,B``, ``span:K``, ``class:N``,
+    ``similarity:TEXT``) for ``model``."""
     kind, _, arg = str(spec).partition(":")
     if kind not in KINDS:
-        raise OptionError(f"unknown target '{spec}'; use next, token:WORD, contrast:A,B, span:K or class:N")
+        raise OptionError(
+            f"unknown target '{spec}'; use next, token:WORD, contrast:A,B, span:K, class:N or similarity:TEXT"
+        )
     name = type(model).__name__
+    if kind == "similarity":
+        return Target(spec, "similarity", reference=_reference(spec, arg, model, tokenizer))
     if kind == "class":
         if not _is_classifier(model):
             raise ModelError(
@@ -100,7 +168,7 @@ def parse_target(spec: str, model, tokenizer=None) -> Target:
     if _is_classifier(model) or not is_causal_lm(model.config) or model.get_output_embeddings() is None:
         raise ModelError(
             f"target '{spec}' needs a causal language model with its LM head, and {name} is not one; "
-            "use class:N on a sequence classifier"
+            "use class:N on a sequence classifier, similarity:TEXT on a sentence encoder"
         )
     if kind == "next":
         if arg:
