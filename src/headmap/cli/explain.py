@@ -23,7 +23,11 @@ def explain(
     text: Annotated[list[str] | None, typer.Option(help="a text to explain (repeat for several)")] = None,
     corpus: Annotated[Path | None, typer.Option(help="a UTF-8 text file, one input per line")] = None,
     target: Annotated[
-        str, typer.Option(help="next, token:WORD, contrast:A,B, span:K (decoders) or class:N (classifiers)")
+        str,
+        typer.Option(
+            help="next, token:WORD, contrast:A,B, span:K (decoders), class:N (classifiers) or "
+            "similarity:TEXT (sentence encoders)"
+        ),
     ] = "next",
     methods: Annotated[
         str,
