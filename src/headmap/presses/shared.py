@@ -31,7 +31,7 @@ from torch import nn
 from ..engine import observe
 from ..models import logits_to_keep, model_shape, position_ids
 from .base import Compression, Press, PressError, _Collector, _press_cache, check_model, compress
-from .cache import PressedLayer, RaggedLayer, cache_bytes
+from .cache import cache_bytes
 
 
 def uses_engine(press: Press) -> bool:
@@ -173,88 +173,3 @@ def greedy_continue(
             generated.append(token)
     return torch.stack(generated, dim=1)
 
-
-def batch_caches(prefill: SharedPrefill, runs: Sequence[Compression]) -> Any:
-    """One cache whose row r holds what ``runs[r]`` kept after the prefill, every layer a :class:`RaggedLayer`.
-
-    Needs a prefill of one row; every run's cache must hold whole layers (a :class:`PressedLayer`,
-    a :class:`RaggedLayer` with nothing decoded yet, or a layer the press left whole) and no run may
-    evict while decoding. Row r, kv head h keeps exactly the entries of ``runs[r]``, in order.
-    """
-    if prefill.logits.shape[0] != 1:
-        raise PressError("decoding presses together needs a prefill of one input (a batch of one row)")
-    layers = []
-    for index in range(len(prefill.cache.layers)):
-        keys, values, counts = [], [], []
-        for run in runs:
-            if run.press.evicts_in_decoding:
-                raise PressError(f"{run.press.describe()} evicts while decoding; decode it on its own")
-            layer = run.cache.layers[index]
-            if isinstance(layer, RaggedLayer):
-                if layer.keys.shape[2] or bool((layer.pads != 0).any()):
-                    raise PressError("decoding together needs caches right after the prefill, without padding")
-                keys.append(layer.packed_keys)
-                values.append(layer.packed_values)
-                counts.append(layer.lengths.to(torch.int64))
-            else:
-                if getattr(layer, "is_sliding", False) and not isinstance(layer, PressedLayer):
-                    raise PressError(f"layer {index} is a sliding-window layer; decode these presses one at a time")
-                k, v = layer.keys, layer.values  # [1, Hkv, n, D]: head by head, positions ascending
-                keys.append(k.reshape(-1, k.shape[-1]))
-                values.append(v.reshape(-1, v.shape[-1]))
-                counts.append(torch.full(k.shape[:2], k.shape[2], dtype=torch.int64, device=k.device))
-        lengths = torch.cat(counts, dim=0)  # [R, Hkv]
-        k0, v0 = keys[0], values[0]
-        rows, kv_heads = lengths.shape
-        layers.append(
-            RaggedLayer(
-                torch.cat(keys, dim=0),
-                torch.cat(values, dim=0),
-                lengths,
-                torch.zeros_like(lengths),
-                prefill.length,
-                k0.new_zeros(rows, kv_heads, 0, k0.shape[-1]),
-                v0.new_zeros(rows, kv_heads, 0, v0.shape[-1]),
-            )
-        )
-    out = copy.copy(prefill.cache)
-    out.layers = layers
-    return out
-
-
-def decode_together(
-    model: nn.Module,
-    prefill: SharedPrefill,
-    runs: Sequence[Compression],
-    steps: int,
-    before_forward: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """[R, steps] greedy tokens of every run in ``runs``, decoded as one batch (row r: ``runs[r]``'s cache).
-
-    Every row attends to exactly its run's kept entries (a :class:`RaggedLayer` read by the engine
-    through :class:`RaggedMask`), so each row's tokens are those of the run decoded alone up to the
-    rounding of another summation order (the engine over a wider, masked view). One forward per step
-    for all presses: the weights are read once per step instead of once per press.
-    """
-    from .cache import RaggedMask
-
-    cache = batch_caches(prefill, runs)
-    rows = len(runs)
-    mask = prefill.mask.expand(rows, -1)
-    token = prefill.logits.argmax(dim=-1).expand(rows)
-    generated = [token]
-    with observe(model, edits=[RaggedMask(lambda: cache)]), torch.no_grad():
-        for t in range(1, steps):
-            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-            if before_forward is not None:
-                before_forward(t)
-            out = model(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=mask.sum(dim=1, keepdim=True) - 1,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            token = out.logits[:, -1].argmax(dim=-1)
-            generated.append(token)
-    return torch.stack(generated, dim=1)
