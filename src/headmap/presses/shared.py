@@ -172,4 +172,3 @@ def greedy_continue(
             token = out.logits[:, -1].argmax(dim=-1)
             generated.append(token)
     return torch.stack(generated, dim=1)
-
