@@ -280,7 +280,9 @@ def _is_empty(cache: Any) -> bool:
 
 
 @contextmanager
-def compress(model: nn.Module, press: Press, record_scores: bool = False) -> Iterator[Compression]:
+def compress(
+    model: nn.Module, press: Press, record_scores: bool = False, run: Compression | None = None
+) -> Iterator[Compression]:
     """Press the KV cache of every prefill run inside the ``with`` block.
 
         with headmap.presses.compress(model, SnapKVPress(ratio=0.5)) as run:
@@ -290,6 +292,9 @@ def compress(model: nn.Module, press: Press, record_scores: bool = False) -> Ite
     A forward that starts from an empty cache is a prefill: at its end every layer of its cache
     keeps what ``press`` says. Later forwards (decoding) append to the pressed cache. The engine
     runs when the press reads attention or keeps different numbers of entries per head.
+
+    ``run``: a prefill already pressed with ``press`` (:func:`headmap.presses.shared.press_prefill`):
+    the forwards inside the block decode from its cache as they would after a prefill here.
     """
     if not isinstance(press, Press):
         raise PressError(
@@ -298,7 +303,10 @@ def compress(model: nn.Module, press: Press, record_scores: bool = False) -> Ite
     check_model(model)
     press.bind(model)
     shape = model_shape(model)
-    run = Compression(press=press, record_scores=record_scores)
+    if run is None:
+        run = Compression(press=press, record_scores=record_scores)
+    elif run.press is not press:
+        raise PressError("compress(run=...) needs the press that pressed that run's cache")
     collector = _Collector(press.reads_received, press.window_rows() if press.reads_window else 0)
     state: dict[str, Any] = {}
 
@@ -348,10 +356,6 @@ def compress(model: nn.Module, press: Press, record_scores: bool = False) -> Ite
 def _press_cache(run: Compression, cache: Any, collector: _Collector, state: dict, shape, model) -> None:
     length = state["length"]
     mask = state["mask"]
-    for note in run.press.notes(length):
-        if note not in run.notes:
-            run.notes.append(note)
-            warnings.warn(note, stacklevel=4)
     for layer, entry in enumerate(cache.layers):
         if isinstance(entry, PressedLayer) or getattr(entry, "keys", None) is None:
             continue
@@ -395,6 +399,10 @@ def _press_cache(run: Compression, cache: Any, collector: _Collector, state: dic
             scores = run.press.score(view).gather(2, idx) if run.press.reads_received else None
             pressed.track(run.press.budget(view), idx, item_start, scores)
         cache.layers[layer] = pressed
+    for note in run.press.notes(length):  # after the layers: a press may find a note while choosing (head_aware)
+        if note not in run.notes:
+            run.notes.append(note)
+            warnings.warn(note, stacklevel=4)
 
 
 def _evict(run: Compression, collector: _Collector) -> None:
