@@ -152,7 +152,11 @@ def _reach(mode, folder, length, ratio):
                 nbytes = run.cache_bytes()
     except (MemoryError, RuntimeError) as exc:
         if isinstance(exc, MemoryError) or "alloc" in str(exc).lower() or "memory" in str(exc).lower():
-            return {"mode": mode, "length": length, "error": f"out of memory at {length}",
+            import re
+
+            tried = re.search(r"allocate (\d+) bytes", str(exc))
+            what = f" (an allocation of {int(tried.group(1)) / 2**30:.1f} GiB failed)" if tried else ""
+            return {"mode": mode, "length": length, "error": f"out of memory at {length}{what}",
                     "seconds": time.perf_counter() - start, "peak_bytes": peak_rss() - base}  # fmt: skip
         raise
     seconds = time.perf_counter() - start
@@ -327,7 +331,10 @@ def reach(folder: Path, args, tmp: Path) -> list[dict]:
     lengths = sorted(int(x) for x in args.reach.split(","))
     rows = []
     print(f"reach: h2o prefill, ratio {args.ratio}, address space limited to {args.memory_limit_gib} GiB", flush=True)
+    which = {"both": ("h2o", "kv_h2o"), "headmap": ("h2o",), "kvpress": ("kv_h2o",)}[args.reach_which]
     for kind, name in (("h2o", "headmap h2o (engine, sdpa model)"), ("kv_h2o", "kvpress ObservedAttentionPress")):
+        if kind not in which:
+            continue
         done: list[dict] = []
         for length in lengths:
             if kind == "kv_h2o" and length > args.reach_eager_max:
@@ -426,6 +433,7 @@ def main() -> int:
     parser.add_argument("--reach", default="", help="lengths for the longest-context h2o runs, e.g. 4096,8192")
     parser.add_argument("--reach-budget-s", type=float, default=1500.0, help="skip a reach run estimated longer")
     parser.add_argument("--reach-eager-max", type=int, default=16384, help="kvpress's largest reach length")
+    parser.add_argument("--reach-which", choices=("both", "headmap", "kvpress"), default="both")
     parser.add_argument("--memory-limit-gib", type=float, default=16.0, help="address-space limit of each child")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -442,7 +450,7 @@ def main() -> int:
         if why is not None:
             print(f"kvpress 0.5.x cannot be installed offline here: {why}", file=sys.stderr)
             return 3
-    if args.reach and args.no_kvpress:
+    if args.reach and args.no_kvpress and args.reach_which != "headmap":
         print("--reach runs kvpress's h2o beside headmap's: drop --no-kvpress", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="headmap-compress-bench-") as tmp_name:
