@@ -3,6 +3,7 @@
     python bench/compress.py                    # 4K tokens, ratio 0.5, installs kvpress in .venv-kvpress/
     python bench/compress.py --length 512 --no-kvpress
     python bench/compress.py --no-kvpress --decode-length 8192   # also decoding with 25 % of the cache kept
+    python bench/compress.py --no-table --decode-length 8192 --reach 4096,8192,16384,32768   # the long-context runs
 
 The model is random, GPT-2-small shaped (12 layers, 12 heads of 64, d_model 768, vocab 50257) but
 built as a Llama (RoPE, no biases), because kvpress hooks only Llama-family attention modules; the
@@ -12,6 +13,15 @@ installed by this script in its own venv (.venv-kvpress/, ignored by git) with t
 version it supports (< 5.3), torch 2.13.0 CPU from the local wheel folder, and ``--no-deps`` for
 kvpress itself (its metadata also pulls peft and accelerate, which the presses do not import).
 Exit code 3: kvpress could not be installed offline (the reason is printed).
+
+``--reach`` runs each h2o once at every length (headmap's through the engine's block pass on an sdpa
+model, kvpress's ObservedAttentionPress on an eager one, which hands it each layer's [T, T] attention;
+only the last position's logits are computed) in a child whose address space is limited
+(``--memory-limit-gib``, RLIMIT_AS) so that the machine is not swapped: a length that does not fit
+is reported as "out of memory at T" and larger ones are not tried. headmap's 32K (or any length past
+the largest measured one) runs only when the time estimated from the smaller ones
+(a T + b T^2 through the two largest, at least linear growth) is within ``--reach-budget-s``; kvpress's lengths stop at
+``--reach-eager-max``.
 
 Printed: per press, prefill time and peak memory as ratios of the sdpa prefill of the same run,
 cache bytes as a fraction of the full cache, and for kvpress the share of kept entries that are
@@ -78,6 +88,8 @@ def child(mode: str, folder: Path, length: int, ratio: float, window: int, repea
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if mode.startswith("reach:"):
+        return _reach(mode, folder, length, ratio)
     attn = "eager" if mode == "kv_h2o" else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32).eval()
     ids = torch.randint(1, 50257, (1, length), generator=torch.Generator().manual_seed(1))
@@ -107,6 +119,48 @@ def child(mode: str, folder: Path, length: int, ratio: float, window: int, repea
     seconds = min(times)
     np.savez(out, **{str(k): v for k, v in kept.items()})
     return {"mode": mode, "seconds": seconds, "peak_bytes": peak, "cache_bytes": nbytes}
+
+
+def _reach(mode, folder, length, ratio):
+    """One h2o prefill of ``length`` tokens; {'error': 'out of memory at T'} when an allocation fails."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kind = mode.split(":", 1)[1]
+    attn = "eager" if kind == "kv_h2o" else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32).eval()
+    ids = torch.randint(1, 50257, (1, length), generator=torch.Generator().manual_seed(1))
+    reset_peak()
+    base = rss()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            if kind == "kv_h2o":
+                from kvpress import ObservedAttentionPress
+
+                # eager attention returns each layer's weights to kvpress's hook without output_attentions,
+                # so only one layer's [T, T] matrices are alive at a time
+                with ObservedAttentionPress(compression_ratio=ratio)(model):
+                    cache = model(ids, use_cache=True, logits_to_keep=1).past_key_values
+                nbytes = sum(layer.keys.numel() * 4 * 2 for layer in cache.layers)
+            else:
+                sys.path.insert(0, str(ROOT / "src"))
+                from headmap.presses import compress, make_press
+
+                with compress(model, make_press("h2o", ratio=ratio)) as run:
+                    model(ids, use_cache=True, logits_to_keep=1)
+                nbytes = run.cache_bytes()
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, MemoryError) or "alloc" in str(exc).lower() or "memory" in str(exc).lower():
+            import re
+
+            tried = re.search(r"allocate (\d+) bytes", str(exc))
+            what = f" (an allocation of {int(tried.group(1)) / 2**30:.1f} GiB failed)" if tried else ""
+            return {"mode": mode, "length": length, "error": f"out of memory at {length}{what}",
+                    "seconds": time.perf_counter() - start, "peak_bytes": peak_rss() - base}  # fmt: skip
+        raise
+    seconds = time.perf_counter() - start
+    return {"mode": mode, "length": length, "seconds": seconds, "peak_bytes": peak_rss() - base, "cache_bytes": nbytes}
 
 
 def _headmap(model, mode, ids, ratio, window):
@@ -146,13 +200,15 @@ def _decode(model, name, ids, steps, window):
     from headmap.presses import compress, make_press
 
     if name == "full":
-        press = make_press("knorm", ratio=0.0)
+        press = make_press("knorm", ratio=0.0)  # sdpa throughout
+    elif name == "full_engine":
+        press = make_press("snapkv", ratio=0.0, window=window)  # the whole cache, decoded through the engine
     else:
         press = make_press(name, ratio=0.75, **({"window": window} if name in ("snapkv", "pyramidkv") else {}))
     times = []
     with compress(model, press) as run, torch.no_grad():
         out = model(ids, use_cache=True, logits_to_keep=1)
-        nbytes = run.cache_bytes() if name != "full" else run.full_bytes
+        nbytes = run.cache_bytes() if not name.startswith("full") else run.full_bytes
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             start = time.perf_counter()
@@ -229,13 +285,30 @@ def ensure_kvpress() -> str | None:
     return None
 
 
+def _limit(gib: float):
+    """preexec_fn: cap the child's address space at ``gib`` GiB (an allocation past it fails, no swapping)."""
+
+    def apply() -> None:
+        import resource
+
+        limit = int(gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
 def measure(python: str, mode: str, folder: Path, args, tmp: Path) -> dict:
-    out = tmp / f"{mode}.npz"
+    out = tmp / f"{mode.replace(':', '-')}.npz"
     cmd = [python, __file__, "--child", mode, "--folder", str(folder), "--length", str(args.length), "--ratio",
            str(args.ratio), "--window", str(args.window), "--repeat", str(args.repeat), "--kept", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    limit = _limit(args.memory_limit_gib) if getattr(args, "memory_limit_gib", 0) else None
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit)
     line = next((x for x in done.stdout.splitlines() if x.startswith(TAG)), None)
     if line is None:
+        if done.returncode < 0:
+            why = f"killed by signal {-done.returncode} at {args.length} (out of memory?)"
+            return {"mode": mode, "error": [why]}
         return {"mode": mode, "error": (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]}
     result = json.loads(line[len(TAG) :])
     result["kept_file"] = str(out)
@@ -253,6 +326,100 @@ def same_share(a: str, b: str) -> float:
     return hits / max(1, sum(int(y[k].sum()) for k in layers))
 
 
+def reach(folder: Path, args, tmp: Path) -> list[dict]:
+    """Each h2o at every ``--reach`` length, smallest first; printed as it goes."""
+    lengths = sorted(int(x) for x in args.reach.split(","))
+    rows = []
+    print(f"reach: h2o prefill, ratio {args.ratio}, address space limited to {args.memory_limit_gib} GiB", flush=True)
+    which = {"both": ("h2o", "kv_h2o"), "headmap": ("h2o",), "kvpress": ("kv_h2o",)}[args.reach_which]
+    for kind, name in (("h2o", "headmap h2o (engine, sdpa model)"), ("kv_h2o", "kvpress ObservedAttentionPress")):
+        if kind not in which:
+            continue
+        done: list[dict] = []
+        for length in lengths:
+            if kind == "kv_h2o" and length > args.reach_eager_max:
+                why = f"not run (past --reach-eager-max {args.reach_eager_max})"
+                row = {"mode": kind, "length": length, "error": why}
+            elif done and "error" in done[-1]:
+                row = {"mode": kind, "length": length, "error": f"not run ({done[-1]['error']})"}
+            else:
+                guess = _estimate(done, length)
+                if guess is not None and guess > args.reach_budget_s:
+                    row = {"mode": kind, "length": length, "error": f"not run (estimated {guess:.0f} s)"}
+                else:
+                    sub = argparse.Namespace(**{**vars(args), "length": length, "repeat": 1})
+                    python = sys.executable if kind == "h2o" else str(KV_PYTHON)
+                    row = measure(python, f"reach:{kind}", folder, sub, tmp)
+                    row.setdefault("length", length)
+                    if isinstance(row.get("error"), list):
+                        row["error"] = row["error"][0]
+                    if guess is not None:
+                        row["estimate"] = guess
+            rows.append({**row, "name": name})
+            if "error" not in row:
+                done.append(row)
+            elif not row["error"].startswith("not run"):
+                done.append(row)
+            extra = f" (estimated {row['estimate']:.0f} s)" if "estimate" in row else ""
+            if "error" in row:
+                print(f"{name:<36}{length:>7}  {row['error']}", flush=True)
+            else:
+                print(
+                    f"{name:<36}{length:>7}{row['seconds']:>9.1f} s{row['peak_bytes'] / 2**20:>9.0f} MiB peak"
+                    f"{row['cache_bytes'] / 2**20:>9.0f} MiB cache{extra}",
+                    flush=True,
+                )
+    return rows
+
+
+def _estimate(done: list[dict], length: int) -> float | None:
+    """Seconds at ``length`` from a T + b T^2 through the two largest completed runs, at least linear growth
+    from the largest (None: fewer than two)."""
+    ok = [r for r in done if "error" not in r]
+    if len(ok) < 2 or length <= ok[-1]["length"]:
+        return None
+    (t1, s1), (t2, s2) = ((r["length"], r["seconds"]) for r in ok[-2:])
+    b = (s2 / t2 - s1 / t1) / (t2 - t1)
+    a = s1 / t1 - b * t1
+    return max(a * length + b * length**2, s2 * length / t2)  # never below linear growth (noise can bend the fit)
+
+
+def print_table(rows: list[dict], args) -> None:
+    by_mode = {r["mode"]: r for r in rows}
+    base = by_mode.get("sdpa", {})
+    print(f"T = {args.length}, ratio = {args.ratio}, window = {args.window} (CPU, {os.cpu_count()} cores)")
+    print(f"{'mode':<14}{'seconds':>9}{'x sdpa':>8}{'peak MiB':>10}{'x sdpa':>8}{'cache/full':>12}{'same':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['mode']:<14} failed: {r['error'][0]}")
+            continue
+        ref = by_mode.get("kv_sdpa", base) if r["mode"].startswith("kv_") else base
+        full = ref.get("cache_bytes") or float("nan")
+        same = ""
+        if r["mode"] in SAME_AS and SAME_AS[r["mode"]] in by_mode and "kept_file" in by_mode[SAME_AS[r["mode"]]]:
+            same = f"{same_share(by_mode[SAME_AS[r['mode']]]['kept_file'], r['kept_file']):.3f}"
+        print(
+            f"{r['mode']:<14}{r['seconds']:>9.2f}{r['seconds'] / ref['seconds']:>8.2f}"
+            f"{r['peak_bytes'] / 2**20:>10.0f}{r['peak_bytes'] / max(1, ref['peak_bytes']):>8.2f}"
+            f"{r['cache_bytes'] / full:>12.3f}{same:>8}",
+            flush=True,
+        )
+
+
+def print_decode(decode_rows: list[dict], args) -> None:
+    full = next((r for r in decode_rows if r["mode"] == "decode:full" and "error" not in r), None)
+    print(f"decoding after {args.decode_length} tokens, 25 % of the cache kept (median of {args.decode_steps} steps)")
+    for r in decode_rows:
+        if "error" in r or full is None:
+            print(f"{r['mode']:<14} failed: {r.get('error', ['no full-cache row'])[0]}")
+            continue
+        print(
+            f"{r['mode']:<14}{1000 * r['seconds']:>9.1f} ms/token{r['seconds'] / full['seconds']:>8.2f} x full"
+            f"{r['cache_bytes'] / full['cache_bytes']:>12.3f} of the cache",
+            flush=True,
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=4096)
@@ -262,6 +429,12 @@ def main() -> int:
     parser.add_argument("--decode-length", type=int, default=0, help="also time decoding after this many tokens")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--no-kvpress", action="store_true", help="headmap only")
+    parser.add_argument("--no-table", action="store_true", help="skip the side-by-side table (decode/reach only)")
+    parser.add_argument("--reach", default="", help="lengths for the longest-context h2o runs, e.g. 4096,8192")
+    parser.add_argument("--reach-budget-s", type=float, default=1500.0, help="skip a reach run estimated longer")
+    parser.add_argument("--reach-eager-max", type=int, default=16384, help="kvpress's largest reach length")
+    parser.add_argument("--reach-which", choices=("both", "headmap", "kvpress"), default="both")
+    parser.add_argument("--memory-limit-gib", type=float, default=16.0, help="address-space limit of each child")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--kept", help=argparse.SUPPRESS)
@@ -277,51 +450,27 @@ def main() -> int:
         if why is not None:
             print(f"kvpress 0.5.x cannot be installed offline here: {why}", file=sys.stderr)
             return 3
+    if args.reach and args.no_kvpress and args.reach_which != "headmap":
+        print("--reach runs kvpress's h2o beside headmap's: drop --no-kvpress", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="headmap-compress-bench-") as tmp_name:
         tmp = Path(tmp_name)
         folder = tmp / "model"
-        build(folder, args.length)
-        rows = [measure(sys.executable, mode, folder, args, tmp) for mode in HEADMAP_MODES]
-        if not args.no_kvpress:
-            rows += [measure(str(KV_PYTHON), mode, folder, args, tmp) for mode in KVPRESS_MODES]
-        decode_rows = []
+        longest = max([args.length, args.decode_length, *(int(x) for x in args.reach.split(",") if x)])
+        build(folder, longest)
+        print(f"CPU, {os.cpu_count()} cores; load average at the start: {os.getloadavg()}", flush=True)
+        if not args.no_table:
+            rows = [measure(sys.executable, mode, folder, args, tmp) for mode in HEADMAP_MODES]
+            if not args.no_kvpress:
+                rows += [measure(str(KV_PYTHON), mode, folder, args, tmp) for mode in KVPRESS_MODES]
+            print_table(rows, args)
         if args.decode_length:
             dec = argparse.Namespace(**{**vars(args), "length": args.decode_length, "repeat": args.decode_steps})
-            decode_rows = [
-                measure(sys.executable, f"decode:{n}", folder, dec, tmp) for n in ("full", "knorm", "snapkv")
-            ]
-        by_mode = {r["mode"]: r for r in rows}
-        base = by_mode.get("sdpa", {})
-        print(f"T = {args.length}, ratio = {args.ratio}, window = {args.window} (CPU, {os.cpu_count()} cores)")
-        print(f"{'mode':<14}{'seconds':>9}{'x sdpa':>8}{'peak MiB':>10}{'x sdpa':>8}{'cache/full':>12}{'same':>8}")
-        for r in rows:
-            if "error" in r:
-                print(f"{r['mode']:<14} failed: {r['error'][0]}")
-                continue
-            ref = by_mode.get("kv_sdpa", base) if r["mode"].startswith("kv_") else base
-            full = ref.get("cache_bytes") or float("nan")
-            same = ""
-            if r["mode"] in SAME_AS and SAME_AS[r["mode"]] in by_mode and "kept_file" in by_mode[SAME_AS[r["mode"]]]:
-                same = f"{same_share(by_mode[SAME_AS[r['mode']]]['kept_file'], r['kept_file']):.3f}"
-            print(
-                f"{r['mode']:<14}{r['seconds']:>9.2f}{r['seconds'] / ref['seconds']:>8.2f}"
-                f"{r['peak_bytes'] / 2**20:>10.0f}{r['peak_bytes'] / max(1, ref['peak_bytes']):>8.2f}"
-                f"{r['cache_bytes'] / full:>12.3f}{same:>8}"
-            )
-        if decode_rows:
-            full = next((r for r in decode_rows if r["mode"] == "decode:full" and "error" not in r), None)
-            print(
-                f"decoding after {args.decode_length} tokens, 25 % of the cache kept "
-                f"(median of {args.decode_steps} steps)"
-            )
-            for r in decode_rows:
-                if "error" in r or full is None:
-                    print(f"{r['mode']:<14} failed: {r.get('error', ['no full-cache row'])[0]}")
-                    continue
-                print(
-                    f"{r['mode']:<14}{1000 * r['seconds']:>9.1f} ms/token{r['seconds'] / full['seconds']:>8.2f} x full"
-                    f"{r['cache_bytes'] / full['cache_bytes']:>12.3f} of the cache"
-                )
+            names = ("full", "full_engine", "knorm", "snapkv", "adakv")
+            print_decode([measure(sys.executable, f"decode:{n}", folder, dec, tmp) for n in names], args)
+        if args.reach:
+            reach(folder, args, tmp)
+        print(f"load average at the end: {os.getloadavg()}", flush=True)
     return 0
 
 

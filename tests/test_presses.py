@@ -353,7 +353,7 @@ def test_unknown_press_and_parameter():
         make_press("zip")
     with pytest.raises(PressError, match="snapkv has no parameter 'windw'"):
         parse_press("snapkv:windw=4")
-    assert set(PRESSES) == {"streaming", "h2o", "snapkv", "pyramidkv", "knorm", "adakv", "head_aware"}
+    assert set(PRESSES) == {"streaming", "h2o", "snapkv", "pyramidkv", "knorm", "adakv", "head_aware", "compose"}
     assert parse_press("snapkv:window=8", ratio=0.5).ratio == 0.5
 
 

@@ -17,6 +17,7 @@ from ..specs import parse_options, split_top
 from .adakv import AdaKVPress
 from .base import Compression, LayerView, Press, PressError, ScorerPress, compress, settable
 from .cache import PressedLayer, RaggedLayer, cache_bytes
+from .compose import ComposePress
 from .h2o import H2OPress
 from .head_aware import HeadAwarePress
 from .knorm import KnormPress
@@ -27,7 +28,16 @@ from .streaming import StreamingPress
 #: Every press by its name on the command line.
 PRESSES: dict[str, type[Press]] = {
     cls.name: cls
-    for cls in (StreamingPress, H2OPress, SnapKVPress, PyramidKVPress, KnormPress, AdaKVPress, HeadAwarePress)
+    for cls in (
+        StreamingPress,
+        H2OPress,
+        SnapKVPress,
+        PyramidKVPress,
+        KnormPress,
+        AdaKVPress,
+        HeadAwarePress,
+        ComposePress,
+    )
 }
 
 
@@ -60,6 +70,7 @@ def parse_press(spec: str, **defaults: Any) -> Press:
 __all__ = [
     "PRESSES",
     "AdaKVPress",
+    "ComposePress",
     "Compression",
     "H2OPress",
     "HeadAwarePress",

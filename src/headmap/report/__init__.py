@@ -83,7 +83,7 @@ PAGE = """<!DOCTYPE html>
     <a href="#card-section">model</a> <a href="#categories-section">categories</a>
     <a href="#heatmaps-section">heatmaps</a> <a href="#strips-section">tokens</a>
     <a href="#sinks-section">sinks</a> <a href="#top-section">top heads</a>
-    <a href="#settings-section">settings</a>
+    <a href="#settings-section">settings</a>{compress_nav}
   </nav>
 </header>
 <main>
@@ -105,6 +105,7 @@ PAGE = """<!DOCTYPE html>
     hidden-state norm to the input's median.</p>
     <div id="sinks-plot" class="plot wide"></div></section>
   <section id="top-section"><h2>Top heads per probe</h2><div id="top-tables" class="grid"></div></section>
+{compress}
   <section id="settings-section"><h2>Settings</h2><ul id="notes" class="rules"></ul><pre id="settings"></pre></section>
 {extra}
 </main>
@@ -128,8 +129,9 @@ PAGE = """<!DOCTYPE html>
 """
 
 
-def report_html(atlas: Atlas) -> str:
-    """The report of ``atlas`` as one HTML string."""
+def report_html(atlas: Atlas, compress: dict[str, Any] | None = None) -> str:
+    """The report of ``atlas`` as one HTML string; ``compress`` (a checked ``compress.json``,
+    :func:`headmap.report.compress.load_compress`) adds the compress section."""
     from .. import __version__
     from .images import images_section
     from .towers import main_view, towers_section
@@ -153,7 +155,15 @@ def report_html(atlas: Atlas) -> str:
         plotly=plotly_js,
         app=app,
         extra=towers_section(atlas) + images_section(atlas),
+        compress_nav=' <a href="#compress-section">compress</a>' if compress is not None else "",
+        compress=_compress_section(compress) if compress is not None else "",
     )
+
+
+def _compress_section(data: dict[str, Any]) -> str:
+    from .compress import compress_section
+
+    return compress_section(data)
 
 
 def _check_run_folder(folder: Path) -> None:
@@ -189,9 +199,12 @@ def write_report(
 
     ``atlas_or_dir``: an Atlas or a run folder (read with ``Atlas.load``: OutputError when it is
     missing or corrupt, or holds only an unfinished scan). Every output place is checked before the
-    run is read and before anything is written. Returns the paths written, the HTML first.
+    run is read and before anything is written. A run folder that also holds a ``compress.json``
+    (``headmap compress ... --out RUN_DIR``) gets the compress section; an invalid one is refused
+    (OutputError) before anything is written. Returns the paths written, the HTML first.
     """
     png = Path(png_dir) if png_dir is not None else None
+    compress = None
     if isinstance(atlas_or_dir, Atlas):
         if out is None:
             raise OutputError("write_report(atlas) needs out=...: the path of the HTML file to write")
@@ -203,8 +216,12 @@ def write_report(
         _check_run_folder(folder)
         target = Path(out) if out is not None else folder / "report.html"
         _check_places(target, png)
+        if (folder / "compress.json").exists():
+            from .compress import load_compress
+
+            compress = load_compress(folder / "compress.json")
         atlas = Atlas.load(folder)
-    page = report_html(atlas)
+    page = report_html(atlas, compress)
     try:
         written = [write_text(target, page)]
     except OSError as exc:
