@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from . import _flash
 from .base import Job, Method
 from .capture import Capture, row_product
 
@@ -32,7 +33,10 @@ class AttnGrad(Method):
         capture = Capture()
         embeds = job.embed().requires_grad_(True)  # so that the graph exists even with frozen weights
         with torch.enable_grad():
-            y = job.score(embeds=embeds, probes=[capture])
+            if _flash.usable(job):
+                y = _flash.forward(job, capture, embeds=embeds, score=True)
+            else:
+                y = job.score(embeds=embeds, probes=[capture])
             views = capture.layers()
             grads = torch.autograd.grad(y.sum(), [v.output for v in views], allow_unused=True)
         with torch.no_grad():

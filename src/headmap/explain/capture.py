@@ -14,6 +14,7 @@ import torch
 from ..engine import rows_per_block
 from ..engine.block import Block, QKView
 from ..probes.base import Needs, Probe
+from . import _flash
 
 
 class Capture(Probe):
@@ -74,6 +75,13 @@ def row_product(
     hidden entry are masked. ``plans``: a dict shared across the layers of one forward (block plans).
     Arithmetic in float64 for float64 models, else float32 (as the engine's softmax).
     """
+    if getattr(view, "lse", None) is not None:  # the forward ran through the fused kernel (_flash)
+        live = int((r.abs().sum(dim=0) > 0).sum())
+        if grad_out is None and 4 * live >= r.shape[1] and bool((r >= 0).all()):
+            return _flash.swapped_product(view, r)
+        batch, heads, keys = view.query.shape[0], view.query.shape[1], view.key.shape[2]
+        step = rows_per_block(batch, heads, keys)
+        return _flash.lse_product(view, r, grad_out, step if grad_out is None else max(1, step // 2))
     q, k = view.query.detach(), view.key.detach()
     batch, heads, _, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
