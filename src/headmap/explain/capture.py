@@ -4,7 +4,8 @@
 :class:`~headmap.engine.block.QKView` (queries and keys after RoPE, values, the call's block mask and
 logit settings). Keeping them costs O(L T d). :func:`row_product` then forms, for a weight vector r
 over query rows, r^T Ā with Ā the head mean of the attention (or of (dA ⊙ A)^+ given dA's factors),
-one block of rows at a time under the engine's byte budget: no T x T matrix exists.
+one block of rows at a time under the engine's byte budget: no T x T matrix exists. Views that
+:mod:`._flash` made (the fused kernel ran the call, ``view.lse`` set) take its routes instead.
 """
 
 from __future__ import annotations
