@@ -59,6 +59,21 @@ def test_kernel_route_equals_brute_force(kind, target):
         assert model.config._attn_implementation == "eager"  # put back after each forward
 
 
+@pytest.mark.parametrize("kind,target", [("gemma2", "token:5"), ("mistral", "contrast:3,7")])
+def test_calls_the_kernel_cannot_run_still_equal_brute_force(kind, target):
+    """Unpadded inputs go through _flash.forward; a softcap or a sliding window sends each call to the engine,
+    whose view must carry the same logit settings (the bound of tests/test_explain.py's docstring)."""
+    model = _model(kind).double()
+    ids = _ids(12, 1)
+    _, views = _views(model, [ids])
+    assert views and all(v.lse is None for v in views)
+    frame = E.explain(model, None, [ids], target=target, methods=["rollout", "attn_grad"])
+    got_roll = torch.tensor(frame[frame.method == "rollout"].sort_values("position").value.to_numpy())
+    got_ag = torch.tensor(frame[frame.method == "attn_grad"].sort_values("position").value.to_numpy())
+    assert torch.allclose(got_roll, brute_rollout(model, ids, target), rtol=0, atol=1e-6)
+    assert torch.allclose(got_ag, brute_attn_grad(model, ids, target), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_kernel_route_equals_block_route(kind, monkeypatch):
     model = _model(kind).double()

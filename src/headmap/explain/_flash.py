@@ -29,6 +29,7 @@ from torch import nn
 
 from ..engine import headmap_attention_forward
 from ..engine import registry as engine_registry
+from ..engine.attention import softmax_dtype
 from ..engine.block import QKView
 from ..engine.mask import CausalMask, FullMask, LazyMask, as_block_mask, headmap_mask
 from .base import Job
@@ -144,19 +145,25 @@ def _attention(
     scale = head_dim**-0.5 if scaling is None else float(scaling)
     idx = getattr(module, "layer_idx", None)
     layer = idx if isinstance(idx, int) else len(capture.views)  # else: the order of the calls
-    view = _view(layer, module, query, key, value, masks, scale, softcap)
+    # Without gradients (rollout) only Q, K and lse are read later: keep dense copies of Q and K (the
+    # model's may be views into a fused QKV tensor, which they would keep whole) and no V or output.
+    grad = torch.is_grad_enabled()
+    view = _view(layer, module, query if grad else query.contiguous(), key, value if grad else None, masks, scale)
+    view.softcap = softcap
+    if s_aux is not None:  # as the engine's view: one sink logit per head, in the softmax's dtype
+        view.sink_logits = s_aux.reshape(1, heads, 1, 1).to(softmax_dtype(query.dtype))
     if fast:
         out, lse = _kernel()(query, key, value, 0.0, kind == "causal", scale=scale)
         out = out.transpose(1, 2).contiguous()
         view.lse, view.flash = lse.detach(), kind
     else:
         out, _ = headmap_attention_forward(*args, **kw)
-    view.output = out
+    view.output = out if grad else None
     capture.update_qk(view)
     return out, None
 
 
-def _view(layer: int, module, query, key, value, masks, scale: float, softcap) -> QKView:
+def _view(layer: int, module, query, key, value, masks, scale: float) -> QKView:
     """The QKView the engine would hand a probe for this call (see headmap_attention_forward)."""
     batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
     device = query.device
@@ -178,10 +185,10 @@ def _view(layer: int, module, query, key, value, masks, scale: float, softcap) -
         q_all,
         k_all,
         item_start,
-        value=value.contiguous(),
+        value=None if value is None else value.contiguous(),
         mask=masks,
         scaling=scale,
-        softcap=softcap,
+        softcap=None,
         sink_logits=None,
     )
     view.lse, view.flash = None, None
