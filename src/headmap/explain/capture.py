@@ -4,16 +4,22 @@
 :class:`~headmap.engine.block.QKView` (queries and keys after RoPE, values, the call's block mask and
 logit settings). Keeping them costs O(L T d). :func:`row_product` then forms, for a weight vector r
 over query rows, r^T Ā with Ā the head mean of the attention (or of (dA ⊙ A)^+ given dA's factors),
-one block of rows at a time under the engine's byte budget: no T x T matrix exists.
+one block of rows at a time under the engine's byte budget: no T x T matrix exists. Views that
+:mod:`._flash` made (the fused kernel ran the call, ``view.lse`` set) take its routes instead.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..engine import rows_per_block
+from ..engine import CONFIG, rows_per_block
 from ..engine.block import Block, QKView
 from ..probes.base import Needs, Probe
+from . import _flash
+
+#: The kernel route's blocks (:func:`headmap.explain._flash.lse_product`) take this many times the
+#: engine's block budget (``CONFIG.budget_bytes``): 1 GiB of probabilities and temporaries by default.
+LSE_BUDGET_FACTOR = 16
 
 
 class Capture(Probe):
@@ -74,6 +80,15 @@ def row_product(
     hidden entry are masked. ``plans``: a dict shared across the layers of one forward (block plans).
     Arithmetic in float64 for float64 models, else float32 (as the engine's softmax).
     """
+    if getattr(view, "lse", None) is not None:  # the forward ran through the fused kernel (_flash)
+        live = int((r.abs().sum(dim=0) > 0).sum())
+        if grad_out is None and 4 * live >= r.shape[1] and bool((r >= 0).all()):
+            return _flash.swapped_product(view, r)
+        batch, heads, keys = view.query.shape[0], view.query.shape[1], view.key.shape[2]
+        # Blocks of LSE_BUDGET_FACTOR times the engine's budget: thin blocks cost far more than their
+        # share here (measured: 56-row blocks 5x slower than 896-row ones at T = 4096); still constant in T.
+        step = rows_per_block(batch, heads, keys, budget_bytes=CONFIG.budget_bytes * LSE_BUDGET_FACTOR)
+        return _flash.lse_product(view, r, grad_out, step if grad_out is None else max(1, step // 2))
     q, k = view.query.detach(), view.key.detach()
     batch, heads, _, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
