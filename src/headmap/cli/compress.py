@@ -537,7 +537,7 @@ def compress_command(
             markup=False,
         )
     console.print(f"wrote {target}, {out / 'compress.json'}, {out / 'compress.png'}", highlight=False, markup=False)
-    from ..report.compress import write_compress_report
+    from ..report import write_compress_report
 
     page = write_compress_report(out)  # the scan's report with a compress section when --out is a scan run
     console.print(f"wrote {page}", highlight=False, markup=False)

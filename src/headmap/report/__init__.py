@@ -19,23 +19,22 @@ import hashlib
 import html
 import json
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..atlas import Atlas, summary_html
 from ..errors import OutputError
 from ..rundir import CHECKPOINT_DIR, check_writable, progress_summary, write_text
+from .assets import asset
 from .data import report_data
 
-__all__ = ["report_data", "report_html", "summary_html", "write_report"]
+__all__ = ["report_data", "report_html", "summary_html", "write_compress_report", "write_report"]
 
 #: A report should stay below this size (checked by the tests; see ``headmap.report.data``).
 SIZE_LIMIT_BYTES = 10 * 1024 * 1024
 
 
-def _asset(name: str) -> str:
-    return resources.files(__package__).joinpath("assets", name).read_text(encoding="utf-8")
+_asset = asset
 
 
 #: ``x.href="https://..."`` in plotly.js: the mode bar's logo link (off by ``displaylogo: false``, and
@@ -232,3 +231,24 @@ def write_report(
 
         written += write_pngs(main_view(atlas), png)
     return written
+
+
+def write_compress_report(folder: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` (default: into ``folder``) for the compress run in ``folder``.
+
+    When ``folder`` is also a finished scan run (it holds ``meta.json``), the page is the atlas
+    report with the compress section, so the scan's report is not replaced by a smaller one; else a
+    page of the compress section alone. The summary is checked before anything is written.
+    """
+    folder = Path(folder)
+    target = Path(out) if out is not None else folder / "report.html"
+    if (folder / "meta.json").exists():
+        return write_report(folder, out=target)[0]
+    from .compress import SUMMARY_FILE, compress_report_html, load_compress
+
+    check_writable(target, "--out")
+    data = load_compress(folder / SUMMARY_FILE)
+    try:
+        return write_text(target, compress_report_html(data))
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc

@@ -10,7 +10,7 @@ the page through :func:`html.escape`.
   a valid summary);
 - :func:`compress_section` is the section's HTML (also placed into the atlas report by
   ``headmap report RUN_DIR`` when the run folder holds a ``compress.json``);
-- :func:`write_compress_report` writes ``report.html`` into a compress ``--out`` folder: the atlas
+- :func:`headmap.report.write_compress_report` writes ``report.html`` into a compress ``--out`` folder: the atlas
   report with the section when the folder is also a scan run, else a page of the section alone.
 
 See docs/compress.md.
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
-from ..rundir import check_writable, write_text
 
 #: The file ``headmap compress`` writes, and the one this section reads.
 SUMMARY_FILE = "compress.json"
@@ -242,32 +241,11 @@ base-uri 'none'; form-action 'none'">
 def compress_report_html(data: dict[str, Any]) -> str:
     """A page of the compress section alone (no script, no network)."""
     from .. import __version__
-    from . import _asset
+    from .assets import asset
 
     return PAGE.format(
         version=html.escape(str(__version__)),
         title=html.escape(data.get("model") or "compress run", quote=True),
-        css=_asset("report.css"),
+        css=asset("report.css"),
         section=compress_section(data),
     )
-
-
-def write_compress_report(folder: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``report.html`` (default: into ``folder``) for the compress run in ``folder``.
-
-    When ``folder`` is also a finished scan run (it holds ``meta.json``), the page is the atlas
-    report with the compress section, so the scan's report is not replaced by a smaller one; else a
-    page of the compress section alone. The summary is checked before anything is written.
-    """
-    folder = Path(folder)
-    target = Path(out) if out is not None else folder / "report.html"
-    if (folder / "meta.json").exists():
-        from . import write_report
-
-        return write_report(folder, out=target)[0]
-    check_writable(target, "--out")
-    data = load_compress(folder / SUMMARY_FILE)
-    try:
-        return write_text(target, compress_report_html(data))
-    except OSError as exc:
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc

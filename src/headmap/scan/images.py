@@ -64,7 +64,7 @@ def tower_blind(probe: Any, data: Corpus) -> str | None:
             "its positions index the text tokens of its corpus, and image inputs run the vision tower too, whose "
             "layers are numbered like the text model's (docs/multimodal.md)"
         )
-    if getattr(probe, "tower_aware", False):
+    if probe.tower_aware:  # declared on the Probe base class (probes/base.py)
         return None
     return (
         "it keeps its sums by layer alone, and image inputs run the vision tower too, whose layers are numbered "
