@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import models
-from ..engine import Block
+from ..engine import Block, active_sessions
 from ..errors import EditError, ModelError
 
 
@@ -247,3 +247,18 @@ def received_in_block(block: Block, probs: torch.Tensor) -> torch.Tensor:
     mass = mass.to(probs.dtype)  # the float32 sums, exactly
     count = count[:, None, :].to(probs.dtype)
     return torch.where(count > 0, mass / count.clamp(min=1), torch.zeros_like(mass))
+
+
+def session_ended(edit: Edit) -> bool:
+    """Whether no active headmap session holds ``edit`` any more (the one that bound it has closed):
+    a model hook the edit registered should then remove itself."""
+    return not any(edit in s.edits for s in active_sessions())
+
+
+def prefill_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ``input_ids`` of a model forward pre-hook's call when that call starts a sequence (no KV
+    cache, or an empty one); None for a decoding step that extends a cached sequence, or no ids."""
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    cache = kwargs.get("past_key_values")
+    fresh = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
+    return ids if isinstance(ids, torch.Tensor) and fresh else None

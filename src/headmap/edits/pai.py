@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import Block, active_sessions
+from ..engine import Block
 from ..errors import EditError
-from .base import Edit, check_number
+from .base import Edit, check_number, prefill_ids, session_ended
 
 
 def _image_token_id(model: nn.Module) -> int | None:
@@ -92,14 +92,12 @@ class Pai(Edit):
         self._ids = input_ids
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not any(self in s.edits for s in active_sessions()):  # the session that bound us has ended
+        if session_ended(self):  # the session that bound us has ended
             self._hook.remove()
             self._hook = None
             return
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        cache = kwargs.get("past_key_values")
-        fresh = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
-        if isinstance(ids, torch.Tensor) and fresh:
+        ids = prefill_ids(args, kwargs)
+        if ids is not None:
             self._ids = ids
 
     def applies_to_layer(self, layer: int) -> bool:

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import Block, active_sessions
+from ..engine import Block
 from ..errors import EditError
 from ..probes.modality_mass import at_columns
 from ..probes.visual_sinks import text_layers, visual_sink_mask
-from .base import Edit, check_number
+from .base import Edit, check_number, prefill_ids, session_ended
 from .span import config_image_token_id
 
 
@@ -117,13 +117,11 @@ class Var(Edit):
         self._hooks = []
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not any(self in s.edits for s in active_sessions()):  # the session that bound us has ended
+        if session_ended(self):  # the session that bound us has ended
             self._unhook()
             return
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        cache = kwargs.get("past_key_values")
-        fresh = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
-        self._fresh = bool(isinstance(ids, torch.Tensor) and fresh)
+        ids = prefill_ids(args, kwargs)
+        self._fresh = ids is not None
         if self._fresh:
             mask = kwargs.get("attention_mask")
             self.set_inputs(ids, mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
