@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import NumericalError
+from . import fused as fused_route
 from .block import Block, QKView
 from .mask import LazyMask, as_block_mask
 from .registry import context_for
@@ -37,12 +38,16 @@ class EngineConfig:
 
     ``gpu_budget``: on a CUDA device, a scan that kept the default budget sizes blocks from the free
     device memory instead (:func:`device_budget`); 64 MiB suits CPU caches, not an 80 GiB GPU at 32K tokens.
+    ``fused``: calls whose probes all read only log-sum-exps run one fused kernel instead of blocks
+    (:mod:`headmap.engine.fused`); False forces the block route everywhere.
     """
 
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     # Bytes of temporaries per probability (logits, exponentials, probabilities, mask).
     temporaries: int = 3
     gpu_budget: bool = True
+    #: take the fused route (:mod:`headmap.engine.fused`) for calls whose probes all support it
+    fused: bool = True
 
 
 CONFIG = EngineConfig()
@@ -249,6 +254,28 @@ def headmap_attention_forward(
         t.requires_grad for t in (query, key, value) if isinstance(t, torch.Tensor)
     )
 
+    fused_kernel = fused_route.usable(
+        probes,
+        edits,
+        fused_route.plain_pattern(masks, q_len, k_len),
+        query,
+        key,
+        value,
+        softcap,
+        sink_logits,
+        bias,
+        train_dropout,
+        track_grad,
+        CONFIG.fused,
+    )
+    if fused_kernel is not None:
+        done = _fused_call(
+            fused_kernel, module, layer, query, key, value, masks, causal, scaling, item_start, tower, is_cross,
+            probes, check_finite,
+        )  # fmt: skip
+        if done is not None:
+            return done, None
+
     # One O(T d) copy so that every block's matmuls read dense rows: models with a fused QKV
     # projection (GPT-2) hand strided views, which halve BLAS throughput on thin blocks.
     key, value = key.contiguous(), value.contiguous()
@@ -362,6 +389,56 @@ def headmap_attention_forward(
     if qk_probes:
         view.output = out
     return out, None
+
+
+def _fused_call(
+    kernel: str,
+    module: nn.Module,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    masks: object,
+    causal: bool,
+    scaling: float,
+    item_start: torch.Tensor,
+    tower: str,
+    is_cross: bool,
+    probes: tuple,
+    check_finite: bool,
+) -> torch.Tensor | None:
+    """One call by a fused kernel (:mod:`.fused`): [B, Tq, H, Dv] output, the probes updated from the
+    call's log-sum-exps. None when the output is not finite and a finite check is on: the block route
+    then redoes the call and names the first bad head and row."""
+    if check_finite and not bool(torch.stack([torch.isfinite(t).all() for t in (query, key, value)]).all()):
+        return None  # a fused kernel may hide a NaN logit (its running max skips it): blocks see every one
+    out, lse = fused_route.attend(kernel, query, key, value, causal, scaling)
+    if check_finite and not bool(torch.isfinite(out).all() & torch.isfinite(lse).all()):  # one host read
+        return None
+    q_len, k_len = query.shape[2], key.shape[2]
+    q_all = torch.arange(q_len, device=query.device) + masks.q_offset
+    k_all = torch.arange(k_len, device=query.device) + masks.kv_offset
+    view = QKView(
+        layer,
+        module,
+        query,
+        key,
+        _query_valid(masks, q_all),
+        torch.ones(query.shape[0], k_len, dtype=torch.bool, device=query.device),
+        q_all,
+        k_all,
+        item_start,
+        value=value,
+        mask=masks,
+        scaling=scaling,
+    )
+    view.lse = lse
+    view.is_causal, view.tower, view.is_cross, view.kernel = causal, tower, is_cross, kernel
+    out = out.transpose(1, 2).contiguous()
+    view.output = out
+    for probe in probes:
+        probe.update_fused(view)
+    return out
 
 
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -31,7 +31,8 @@ from ..engine import headmap_attention_forward
 from ..engine import registry as engine_registry
 from ..engine.attention import softmax_dtype
 from ..engine.block import QKView
-from ..engine.mask import CausalMask, FullMask, LazyMask, as_block_mask, headmap_mask
+from ..engine.fused import plain_pattern
+from ..engine.mask import as_block_mask, headmap_mask
 from .base import Job
 
 IMPLEMENTATION = "headmap_explain"
@@ -88,25 +89,6 @@ def forward(job: Job, capture: Any, embeds: torch.Tensor | None = None, score: b
         return plain.score(embeds=embeds) if score else plain.outputs(embeds=embeds)
 
 
-def _plain(masks: object, q_len: int, k_len: int) -> str | None:
-    """ "causal" or "full" when the call's mask is exactly that pattern over a square call without padding."""
-    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
-
-    if q_len != k_len:
-        return None
-    if isinstance(masks, CausalMask):
-        return "causal"
-    if isinstance(masks, FullMask):
-        return "full"
-    if not isinstance(masks, LazyMask) or masks.padding_mask is not None or masks.q_offset or masks.kv_offset:
-        return None
-    if masks.mask_function is causal_mask_function:
-        return "causal"
-    if masks.mask_function is bidirectional_mask_function:
-        return "full"
-    return None
-
-
 def _attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -130,7 +112,7 @@ def _attention(
     k_len = key.shape[2]
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", True))
     masks = as_block_mask(attention_mask, batch, q_len, k_len, causal, query.device)
-    kind = _plain(masks, q_len, k_len)
+    kind = plain_pattern(masks, q_len, k_len)
     fast = (
         kind is not None
         and query.device.type == "cpu"

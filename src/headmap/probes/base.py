@@ -124,6 +124,10 @@ class Probe:
     #: inputs run more than one tower (image inputs on a VLM) refuses such a probe. Head-mean probes
     #: (:class:`~headmap.probes.head.HeadMeanProbe`) are tower-aware; their rows carry ``tower``.
     tower_aware: ClassVar[bool] = False
+    #: The probe computes its statistic from a call's queries, keys and the log-sum-exp of every
+    #: attention row (``update_fused(view)``), so the engine may run the call with one fused kernel
+    #: instead of blocks when every probe of the session is fused (:mod:`headmap.engine.fused`).
+    fused: ClassVar[bool] = False
 
     # the fields of ``needs`` under their former names, for reading (``Probe.causal_only``, ...)
     requires = _NeedsField("corpus")
@@ -182,6 +186,15 @@ class Probe:
     def update(self, block: Block) -> None:
         """One block of complete attention rows (``block.probs``)."""
         raise NotImplementedError
+
+    def update_fused(self, view: QKView) -> None:
+        """One attention call run by a fused kernel (``fused = True``), in place of its blocks.
+
+        ``view`` is the call's :class:`~headmap.engine.block.QKView` with ``lse`` [B, H, Tq] (each row's
+        log-sum-exp of the scaled logits, float32 or float64) and ``output``; also ``tower``,
+        ``is_cross`` and ``is_causal``. The call's mask is plain (causal or full, no padding).
+        """
+        raise NotImplementedError(f"probe {self.name or type(self).__name__} declares fused but has no update_fused()")
 
     def commit(self) -> None:
         """Close the inputs seen since the last commit (called after each forward by default)."""

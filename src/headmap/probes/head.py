@@ -113,13 +113,18 @@ class HeadMeanProbe(Probe):
 
     def update(self, block: Block) -> None:
         values, counted = self.row_values(block)
+        self._add_rows(getattr(block, "tower", "text"), block.layer, block.num_kv_heads, values, counted)
+
+    def _add_rows(self, tower: str, layer: int, kv_heads: int, values: torch.Tensor, counted: torch.Tensor) -> None:
+        """Fold per-row values [B, H, rows] of the counted rows [B, rows] into the pending sums."""
         weights = counted.to(torch.float64)
-        num = (values.to(torch.float64) * weights[:, None, :]).sum(dim=-1)  # [B, H]
+        # a statistic, not part of any graph: a forward that takes gradients (explain) must not make it one
+        num = (values.detach().to(torch.float64) * weights[:, None, :]).sum(dim=-1)  # [B, H]
         den = weights.sum(dim=-1)  # [B]
-        key = tower_key(getattr(block, "tower", "text"), block.layer)
+        key = tower_key(tower, layer)
         slot = self._pending.get(key)
         if slot is None or slot[0].shape != num.shape:
-            self._pending[key] = [num, den, block.num_kv_heads]
+            self._pending[key] = [num, den, kv_heads]
         else:
             slot[0] += num
             slot[1] += den

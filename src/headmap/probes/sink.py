@@ -15,13 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..engine.block import Block
+from ..engine.block import Block, QKView
+from ..engine.fused import key_probability
 from .head import HeadMeanProbe
 
 
 @dataclass
 class SinkProbe(HeadMeanProbe):
     name = "sink"
+    #: A[i, 0] = exp(s_i0 - lse_i) needs one key column and each row's log-sum-exp: the engine may run
+    #: a session of sink-only probes through one fused kernel (headmap.engine.fused)
+    fused = True
 
     def row_values(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         probs = block.probs  # [B, H, bq, bk]
@@ -31,6 +35,11 @@ class SinkProbe(HeadMeanProbe):
         first = probs.gather(-1, index).squeeze(-1) * inside.view(-1, 1, 1)  # [B, H, bq]
         counted = block.query_valid & (block.rel_q() >= 1)
         return first, counted
+
+    def update_fused(self, view: QKView) -> None:
+        first = key_probability(view, view.item_start - view.k_pos[0])  # [B, H, Tq]
+        counted = view.query_valid & (view.q_pos[None, :] - view.item_start[:, None] >= 1)
+        self._add_rows(view.tower, view.layer, view.num_kv_heads, first, counted)
 
 
 def sink_rate(values: torch.Tensor | list, eps: float = 0.3) -> float:

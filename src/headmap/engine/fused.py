@@ -1,0 +1,144 @@
+"""The engine's fused route: one fused attention kernel per call, for probes that need only log-sum-exps.
+
+The block route materialises every block of probabilities so that any probe can read them; its cost
+on a GPU is the memory traffic of those blocks (several passes over H x T^2/2 floats per layer). Many
+statistics need far less: the probability of a chosen key is ``A_ij = exp(s_ij - lse_i)``, with
+``s_ij = scale * q_i . k_j`` and ``lse_i = log sum_j exp(s_ij)`` the row's log-sum-exp, which PyTorch's
+fused kernels (flash attention on CPU and CUDA, memory-efficient attention on CUDA for float32) return
+beside the output at the cost of one sdpa forward. A probe that computes its statistic from the call's
+queries, keys and ``lse`` declares ``fused = True`` and implements ``update_fused(view)``
+(:class:`~headmap.probes.base.Probe`); when every probe of a session does, and the call is *plain*, the
+engine takes this route (:func:`usable` lists the conditions; anything else takes the block route).
+
+Exactness: the probabilities are those of the kernel's own attention, the one whose output the model
+receives, in float32 (float64 for a float64 model on CPU). For a float32 or float64 model they equal
+the block route's to the rounding of the logits (tests/test_fused.py bounds it); for a bfloat16 or
+float16 model the kernel keeps the logits in float32 where eager and the block route round them to the
+model's dtype first, so the two routes differ by that rounding (up to about 2^-8 relative in a logit).
+``headmap.engine_config.fused = False`` turns the route off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .mask import CausalMask, FullMask, LazyMask
+
+#: Dtypes each device's kernel takes (CUDA float32 goes to the memory-efficient kernel).
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def plain_pattern(masks: object, q_len: int, k_len: int) -> str | None:
+    """``"causal"`` or ``"full"`` when a call's mask is exactly that pattern over a square call without
+    padding (a padding mask that marks every token real counts as none); else None."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    if q_len != k_len:
+        return None
+    if isinstance(masks, CausalMask):
+        return "causal"
+    if isinstance(masks, FullMask):
+        return "full"
+    if not isinstance(masks, LazyMask) or masks.q_offset or masks.kv_offset:
+        return None
+    if masks.mask_function is causal_mask_function:
+        kind = "causal"
+    elif masks.mask_function is bidirectional_mask_function:
+        kind = "full"
+    else:
+        return None
+    if masks.padding_mask is not None:
+        # one host read per forward: the answer is kept on the mask, which every layer shares
+        plans = masks.plans if masks.plans is not None else {}
+        masks.plans = plans
+        if "no_padding" not in plans:
+            plans["no_padding"] = bool(masks.padding_mask[:, :k_len].all())
+        if not plans["no_padding"]:
+            return None
+    return kind
+
+
+def kernel_for(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Name of the fused kernel that runs ``dtype`` on ``device``, or None."""
+    if device.type == "cpu" and dtype in _CPU_DTYPES:
+        return "flash_cpu" if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") else None
+    if device.type == "cuda" and dtype in _CUDA_DTYPES:
+        return "efficient_cuda" if dtype == torch.float32 else "flash_cuda"
+    return None
+
+
+def usable(
+    probes: tuple,
+    edits: tuple,
+    kind: str | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    softcap: Any,
+    sink_logits: Any,
+    bias: Any,
+    dropout: float,
+    track_grad: bool,
+    enabled: bool,
+) -> str | None:
+    """The kernel to run this call with, when the fused route applies; else None.
+
+    It applies when the route is enabled, the session has probes and every one of them is fused,
+    no edit is active on the layer, no gradient is taken, the mask is plain (causal or full, square,
+    no padding), there is no softcap, sink logit, position bias or dropout, values have the queries'
+    head size, and a kernel takes the device and dtype.
+    """
+    if not enabled or not probes or edits or track_grad or kind is None:
+        return None
+    if not all(getattr(p, "fused", False) for p in probes):
+        return None
+    if softcap is not None or sink_logits is not None or bias is not None or dropout:
+        return None
+    if value.shape[-1] != query.shape[-1] or not (key.dtype == value.dtype == query.dtype):
+        return None
+    return kernel_for(query.device, query.dtype)
+
+
+def attend(
+    name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [B, H, T, Dv], lse [B, H, T] float32 or float64) of one call by the named kernel.
+
+    Grouped key/value heads are repeated to the query heads first (O(T H d) memory, no T x T).
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads != kv_heads:
+        key = key.repeat_interleave(heads // kv_heads, dim=1)
+        value = value.repeat_interleave(heads // kv_heads, dim=1)
+    aten = torch.ops.aten
+    if name == "flash_cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, scale=scale)
+    elif name == "flash_cuda":
+        res = aten._scaled_dot_product_flash_attention(query, key, value, 0.0, causal, False, scale=scale)
+        out, lse = res[0], res[1]
+    elif name == "efficient_cuda":
+        res = aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0, causal, scale=scale)
+        out, lse = res[0], res[1]
+    else:
+        raise ValueError(f"unknown fused kernel {name!r}")
+    return out, lse[..., : query.shape[2]]
+
+
+def key_probability(view: Any, columns: torch.Tensor) -> torch.Tensor:
+    """[B, H, Tq]: the probability each query row gives key column ``columns[b]`` of its input.
+
+    ``view`` is a fused call's :class:`~headmap.engine.block.QKView` (``lse`` set). The logit is
+    recomputed in the lse's dtype: ``exp(scale * q_i . k_c - lse_i)``.
+    """
+    q, k, lse = view.query, view.key, view.lse
+    batch, heads = q.shape[0], q.shape[1]
+    kv_heads = k.shape[1]
+    idx = columns.to(k.device).view(batch, 1, 1, 1).expand(batch, kv_heads, 1, k.shape[-1])
+    kc = k.gather(2, idx).to(lse.dtype)  # [B, Hkv, 1, D]
+    if heads != kv_heads:
+        kc = kc.repeat_interleave(heads // kv_heads, dim=1)
+    s = torch.matmul(q.to(lse.dtype), kc.transpose(-1, -2)).squeeze(-1) * view.scaling  # [B, H, Tq]
+    return torch.exp(s - lse)
