@@ -106,8 +106,7 @@ def main() -> None:
     for T in args.lengths:
         ids = torch.randint(0, shape.vocab, (1, T), generator=torch.Generator().manual_seed(1)).to(args.device)
         plans = [(m, None) for m in args.modes]
-        if "blocks" in args.modes:
-            plans += [("blocks", b) for b in args.budgets]
+        plans += [("blocks", b) for b in args.budgets]
         for mode, budget in plans:
             saved = headmap.engine_config.budget_bytes
             headmap.engine_config.fused = mode == "fused"

@@ -7,7 +7,13 @@ import torch
 
 import headmap
 from headmap.engine import attention
-from headmap.engine.attention import DEFAULT_BUDGET_BYTES, GPU_FREE_FRACTION, device_budget, rows_per_block
+from headmap.engine.attention import (
+    DEFAULT_BUDGET_BYTES,
+    GPU_BLOCK_CAP,
+    GPU_FREE_FRACTION,
+    device_budget,
+    rows_per_block,
+)
 
 GIB = 2**30
 
@@ -19,10 +25,12 @@ def test_cpu_keeps_the_default_budget():
 def test_gpu_budget_from_free_memory_and_heads():
     # an 80 GiB H100 with 70 GiB free, Llama-3-8B (32 heads), one input of 32K tokens
     budget = device_budget("cuda", heads=32, free_bytes=70 * GIB)
-    assert budget == 16 * GIB  # a quarter of 70 GiB is 17.5 GiB; rounded down to a power of two
+    assert budget == GPU_BLOCK_CAP == 4 * GIB  # a quarter of 70 GiB is 17.5 GiB; capped (measured, see the constant)
     assert budget <= 70 * GIB * GPU_FREE_FRACTION
+    # a GPU with less free memory: a quarter of it, rounded down to a power of two
+    assert device_budget("cuda", heads=32, free_bytes=12 * GIB) == 2 * GIB
     rows = rows_per_block(1, 32, 32768, budget)
-    assert rows == 16 * GIB // (32 * 32768 * 4 * 3) == 1365  # the CPU default gives 5 rows
+    assert rows == 4 * GIB // (32 * 32768 * 4 * 3) == 341  # the CPU default gives 5 rows
     assert rows_per_block(1, 32, 32768, DEFAULT_BUDGET_BYTES) == 5
     # more heads, fewer rows for the same memory
     assert rows_per_block(1, 64, 32768, budget) == rows // 2
@@ -93,3 +101,23 @@ def test_no_host_sync_between_blocks(monkeypatch):
     assert len(calls) == 2 * plans + 1  # 2 per plan (masked segments, empty rows) + the finite check
     with_check_per_block = 2 * plans + plans
     assert len(calls) < with_check_per_block
+
+
+def test_every_call_on_a_gpu_takes_the_device_budget(monkeypatch):
+    """Not only scans: any session on a CUDA device (headmap.observe) sizes its blocks from the free memory,
+    once per process and device (the CPU default made the block route 20x to 50x slower than flash sdpa
+    on an H200, README)."""
+    calls = []
+
+    def mem_get_info(device):
+        calls.append(device)
+        return 70 * GIB, 80 * GIB
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(attention, "_GPU_BUDGETS", {})
+    cuda = torch.device("cuda", 0)
+    assert attention.call_budget(cuda, 32, 1) == GPU_BLOCK_CAP
+    assert attention.call_budget(cuda, 32, 1) == GPU_BLOCK_CAP and len(calls) == 1  # asked once
+    assert attention.call_budget(torch.device("cpu"), 32, 1) == DEFAULT_BUDGET_BYTES
+    monkeypatch.setattr(headmap.engine_config, "budget_bytes", 8 * 2**20)
+    assert attention.call_budget(cuda, 32, 1) == 8 * 2**20  # a budget the user set wins

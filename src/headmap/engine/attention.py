@@ -31,6 +31,13 @@ DEFAULT_BUDGET_BYTES = 64 * 2**20
 #: Share of a GPU's free memory that one block (probabilities and temporaries) may take on a GPU.
 GPU_FREE_FRACTION = 0.25
 
+#: Largest block budget on a GPU. Measured on an H200 (bench/gpu_profile.py, 4 llama8b-shaped layers,
+#: bfloat16, sink probe on the block route; README, "The engine on a GPU"): at 32K tokens budgets of
+#: 64 MiB (the CPU default), 1, 2, 4 and 8 GiB took 50x, 6.8x, 5.9x, 5.4x and 5.2x flash sdpa's time;
+#: at 8K 64 MiB, 256 MiB, 1 GiB and 4 GiB took 20x, 4.7x, 3.4x and 3.5x. Past 4 GiB a bigger block bought
+#: 4 % at 32K for 4.5 GiB more peak memory.
+GPU_BLOCK_CAP = 4 * 2**30
+
 
 @dataclass
 class EngineConfig:
@@ -58,9 +65,9 @@ def device_budget(device: torch.device | str, heads: int, free_bytes: int | None
 
     CPU, or a budget the user set: ``CONFIG.budget_bytes``. CUDA with the default budget (or any
     device when ``free_bytes`` is given, as tests do): :data:`GPU_FREE_FRACTION` of the free memory
-    (``torch.cuda.mem_get_info``), rounded down to a power of two (ranks on like GPUs agree) and at
-    least the default; it is also capped at the bytes of a block of 1024 rows of ``heads`` heads and
-    ``batch`` inputs at 128K keys, beyond which bigger blocks buy no BLAS throughput.
+    (``torch.cuda.mem_get_info``), at most :data:`GPU_BLOCK_CAP` and the bytes of a block of 1024 rows
+    of ``heads`` heads and ``batch`` inputs at 128K keys, rounded down to a power of two (ranks on like
+    GPUs agree) and at least the default.
     """
     device = torch.device(device)
     if free_bytes is None:
@@ -69,10 +76,25 @@ def device_budget(device: torch.device | str, heads: int, free_bytes: int | None
         free_bytes, _ = torch.cuda.mem_get_info(device)
     share = int(free_bytes * GPU_FREE_FRACTION)
     cap = 1024 * batch * max(heads, 1) * 131072 * 4 * CONFIG.temporaries
-    budget = min(share, cap)
+    budget = min(share, cap, GPU_BLOCK_CAP)
     if budget < DEFAULT_BUDGET_BYTES:
         return DEFAULT_BUDGET_BYTES
     return 1 << (budget.bit_length() - 1)
+
+
+_GPU_BUDGETS: dict[tuple, int] = {}
+
+
+def call_budget(device: torch.device, heads: int, batch: int) -> int:
+    """The block budget of one attention call: ``CONFIG.budget_bytes``, or on a CUDA device whose budget
+    nobody set, :func:`device_budget` from the free memory at the first call on that device (kept for
+    the process, so that every call, layer and forward uses the same blocks)."""
+    if device.type != "cuda" or not CONFIG.gpu_budget or CONFIG.budget_bytes != DEFAULT_BUDGET_BYTES:
+        return CONFIG.budget_bytes
+    key = (str(device), heads, batch)
+    if key not in _GPU_BUDGETS:
+        _GPU_BUDGETS[key] = device_budget(device, heads, batch=batch)
+    return _GPU_BUDGETS[key]
 
 
 def rows_per_block(batch: int, heads: int, keys: int, budget_bytes: int | None = None) -> int:
@@ -82,14 +104,15 @@ def rows_per_block(batch: int, heads: int, keys: int, budget_bytes: int | None =
     return max(1, budget // per_row)
 
 
-def _row_blocks(batch: int, heads: int, q_len: int, k_len: int, causal: bool, q_offset: int):
+def _row_blocks(batch: int, heads: int, q_len: int, k_len: int, causal: bool, q_offset: int, budget: int | None = None):
     """Query row ranges [q0, q1) whose probabilities fit the budget.
 
     Causal rows see only the keys up to themselves, so early blocks may hold more rows: rows r
     starting at q0 see at most q_offset + q0 + r keys, and r is the largest with
     r * (q_offset + q0 + r) within the budget. (Thin blocks cost BLAS throughput.)
     """
-    cap = max(1, CONFIG.budget_bytes // (batch * heads * 4 * CONFIG.temporaries))  # rows x keys
+    budget = CONFIG.budget_bytes if budget is None else budget
+    cap = max(1, budget // (batch * heads * 4 * CONFIG.temporaries))  # rows x keys
     q0 = 0
     while q0 < q_len:
         if causal:
@@ -318,7 +341,8 @@ def headmap_attention_forward(
     # the finite check reads the device once per call, after the loop: no host sync between blocks
     deferred: list[tuple[torch.Tensor, Block]] = []
     plans = _plan_cache(masks)
-    for q0, q1 in _row_blocks(batch, heads, q_len, k_len, causal, masks.q_offset):
+    budget = call_budget(device, heads, batch)
+    for q0, q1 in _row_blocks(batch, heads, q_len, k_len, causal, masks.q_offset, budget):
         # one plan per device: the layers of one forward share the mask, maybe not the device
         plan = plans.get((q0, q1, k_len, device, is_cross)) if plans is not None else None
         if plan is None:
