@@ -741,7 +741,9 @@ def compress_command(
     max_new_tokens: Annotated[str, typer.Option(help=TOKENS_HELP)] = "16",
     prefill: Annotated[str, typer.Option(help=PREFILL_HELP)] = "shared",
     allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help=OVERLAP_HELP)] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace an earlier compress.parquet in --out")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace an earlier compress run in --out (its table is deleted at the start)")
+    ] = False,
     resume: Annotated[bool, typer.Option("--resume", help=RESUME_HELP)] = False,
     shard: Annotated[str | None, typer.Option(help=SHARD_HELP)] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
