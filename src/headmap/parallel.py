@@ -4,7 +4,8 @@ The pieces every data-parallel verb shares (``scan`` in :mod:`headmap.scan.distr
 ``tune`` in :mod:`headmap.evaluation.runs`): finding this process's rank from the variables torchrun
 and accelerate set (RANK, WORLD_SIZE, LOCAL_RANK), joining the process group (gloo on CPU, NCCL on
 GPU), gathering picklable values, stopping every rank with the same one line when one fails,
-refusing ranks whose runs differ (naming the field), and :func:`split_work`: a deterministic share
+refusing ranks whose runs differ (naming the field), saying once (rank 0, one line) when there are
+more ranks than work units (:meth:`Ranks.idle_note`), and :func:`split_work`: a deterministic share
 of a list of work units per rank, the results gathered back in order on every rank.
 
 The lowest layer of headmap (it imports only :mod:`headmap.errors`), so that sibling verbs can share it.
@@ -16,8 +17,9 @@ import contextlib
 import contextvars
 import datetime
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import HeadmapError, OptionError
@@ -45,6 +47,7 @@ class Ranks:
     world: int
     local_rank: int
     owns_group: bool = False  # this module started the process group (and ends it)
+    said_idle: bool = field(default=False, repr=False, compare=False)  # idle_note has spoken in this run
 
     @property
     def leader(self) -> bool:
@@ -132,6 +135,21 @@ class Ranks:
                     f"{'; '.join(diffs)}; start every rank with the same command and inputs"
                 )
 
+    def idle_note(self, units: int, unit: str = "work unit") -> None:
+        """More ranks than ``units`` units of work (``unit``, singular: ``batch``, ``item``): idle ranks are
+        fine and only wait for the others; rank 0 says so in one line (a warning), once per run however
+        many times it is called, and the other ranks say nothing. The one wording of scan, eval, tune and
+        compress."""
+        if units >= self.world or self.said_idle:
+            return
+        self.said_idle = True
+        if self.leader:
+            warnings.warn(
+                f"{self.world} ranks for {units} {_plural(unit, units)}: ranks {units} to {self.world - 1} have no "
+                "inputs and only wait for the others",
+                stacklevel=3,
+            )
+
     def barrier(self) -> None:
         import torch.distributed as dist
 
@@ -142,6 +160,12 @@ class Ranks:
 
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _plural(noun: str, count: int) -> str:
+    if count == 1:
+        return noun
+    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -174,9 +198,10 @@ def owner(index: int, world: int) -> int:
     return index % world
 
 
-def split_work(units: Sequence[T], compute: Callable[[T], R]) -> list[R]:
+def split_work(units: Sequence[T], compute: Callable[[T], R], unit: str = "work unit") -> list[R]:
     """``[compute(u) for u in units]``; inside :func:`sharing` each rank computes only its own units
-    (:func:`owner`) and the results are gathered, in unit order, on every rank.
+    (:func:`owner`) and the results are gathered, in unit order, on every rank. Fewer units than ranks:
+    rank 0 says once per run that the others only wait (:meth:`Ranks.idle_note`; ``unit`` names a unit).
 
     A unit is computed exactly as one process would compute it (the same inputs, the same batch),
     so the gathered results equal a single process's bit for bit. Every rank must call this with the
@@ -186,6 +211,8 @@ def split_work(units: Sequence[T], compute: Callable[[T], R]) -> list[R]:
     ranks = _ACTIVE.get()
     if ranks is None:
         return [compute(u) for u in units]
+
+    ranks.idle_note(len(units), unit)
 
     def mine() -> dict[int, R]:
         return {i: compute(u) for i, u in enumerate(units) if owner(i, ranks.world) == ranks.rank}

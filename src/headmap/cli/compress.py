@@ -8,11 +8,12 @@ See docs/compress.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -276,28 +277,42 @@ def sweep(
     item's reference answers take, see :func:`answer_steps`). ``progress(done, total)`` after each item;
     ``on_item(rows)`` with every row so far (to write them as they come).
     """
-    from ..presses import make_press
-
     if prefill not in PREFILL_MODES:
         raise OptionError(f"--prefill must be one of {', '.join(PREFILL_MODES)} (got {prefill!r})")
     rows: list[dict[str, Any]] = []
-    runs = [("full", 0.0, make_press("knorm", ratio=0.0)), *presses]
+    runs = with_full(presses)
     for done, item in enumerate(items, start=1):
-        n = steps if steps is not None else answer_steps(tokenizer, item["answers"])
-        if prefill == "shared":
-            results = run_shared(model, tokenizer, runs, item["prompt"], n)
-        else:
-            results = []
-            for _, _, press in runs:
-                got = run_item(model, tokenizer, press, item["prompt"], n)
-                results.append({**got, "press_s": float("nan")})
-        for (name, ratio, _), got in zip(runs, results, strict=True):
-            rows.append(_row(item, name, ratio, {**got, "max_new_tokens": n}))
+        rows.extend(item_rows(model, tokenizer, runs, item, steps, prefill))
         if on_item is not None:
             on_item(rows)
         if progress is not None:
             progress(done, len(items))
     return rows
+
+
+def with_full(presses: list[tuple[str, float, Any]]) -> list[tuple[str, float, Any]]:
+    """The runs of every item: the full cache (press ``full``, ratio 0), then every (press, ratio)."""
+    from ..presses import make_press
+
+    return [("full", 0.0, make_press("knorm", ratio=0.0)), *presses]
+
+
+def item_rows(
+    model: Any, tokenizer: Any, runs: list[tuple[str, float, Any]], item: dict, steps: int | None, prefill: str
+) -> list[dict[str, Any]]:
+    """The rows of one item: one per run of ``runs`` (:func:`with_full`), in that order."""
+    n = steps if steps is not None else answer_steps(tokenizer, item["answers"])
+    if prefill == "shared":
+        results = run_shared(model, tokenizer, runs, item["prompt"], n)
+    else:
+        results = []
+        for _, _, press in runs:
+            got = run_item(model, tokenizer, press, item["prompt"], n)
+            results.append({**got, "press_s": float("nan")})
+    return [
+        _row(item, name, ratio, {**got, "max_new_tokens": n})
+        for (name, ratio, _), got in zip(runs, results, strict=True)
+    ]
 
 
 def answer_steps(tokenizer: Any, answers: list[str]) -> int:
@@ -421,6 +436,299 @@ def _progress_bar(show: bool, total: int) -> Iterator[Callable[[int, int], None]
         bar.stop()
 
 
+# -- resuming and sharing a run ---------------------------------------------------------------------------------
+
+#: The fingerprint of the run in --out: everything that decides its rows (see :func:`run_fingerprint`).
+FINGERPRINT_FILE = "compress-fingerprint.json"
+FINGERPRINT_FORMAT = "headmap-compress-fingerprint/1"
+ROWS_FILE = "compress.parquet"
+#: A rank's own finished items in a data-parallel run, until rank 0 writes compress.parquet.
+RANK_DIR = ".headmap-compress-rank-{rank}-of-{world}"
+RANK_PREFIX = ".headmap-compress-rank-"
+#: Columns of compress.parquet that measure time or memory (they differ between runs of the same rows).
+TIME_COLUMNS = ("prefill_s", "press_s", "decode_s_per_token", "peak_bytes")
+
+
+def plan_presses(specs: list[str], ratios: list[float], atlas: Path | None) -> list[tuple[str, float, Any]]:
+    """(spec, ratio, press) for every --press at every --ratio, in the order of the rows; bad specs fail here."""
+    from ..presses import parse_press
+
+    presses = []
+    for spec in specs:
+        for r in ratios:
+            extra = {"atlas": str(atlas)} if atlas is not None and spec.split(":")[0] == "head_aware" else {}
+            presses.append((spec, r, parse_press(spec, ratio=r, **extra)))
+    return presses
+
+
+def _sha256(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_file_task(spec: str) -> bool:
+    return spec.endswith(".jsonl") or Path(spec).is_file()
+
+
+def run_fingerprint(
+    model: str,
+    presses: list[tuple[str, float, Any]],
+    ratios: list[float],
+    tasks: list[str],
+    limit: int,
+    steps: int | None,
+    prefill: str,
+    atlas: Path | None,
+    dtype: str,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """What decides the rows of a compress run, as plain JSON data (written to ``FINGERPRINT_FILE``).
+
+    The model as given (a local folder by its absolute path), the dtype, every press with its resolved
+    parameters at every ratio, the ratios, the tasks with their parameters (a task file also by its
+    SHA-256), --limit, --max-new-tokens, --prefill, the atlas (path and SHA-256 of its heads.parquet
+    and meta.json) and --shard. Computed from the arguments alone, before the model loads.
+    """
+    local = Path(model).expanduser()
+    task_ids = []
+    for spec in tasks:
+        if _is_file_task(spec) and Path(spec).is_file():
+            task_ids.append({"task": spec, "file": str(Path(spec).resolve()), "sha256": _sha256(Path(spec))})
+        else:
+            task_ids.append({"task": spec})
+    atlas_id = None
+    if atlas is not None:
+        path = Path(atlas)
+        files = [path / n for n in ("heads.parquet", "meta.json")] if path.is_dir() else [path]
+        present = [f for f in files if f.is_file()]
+        atlas_id = {"path": str(path.resolve()), "sha256": _sha256(*present) if present else None}
+    fp = {
+        "format": FINGERPRINT_FORMAT,
+        "model": str(local.resolve()) if local.exists() else model,
+        "dtype": dtype,
+        "presses": [[spec, r, built.describe()] for spec, r, built in presses],
+        "ratios": list(ratios),
+        "tasks": task_ids,
+        "limit": limit,
+        "max_new_tokens": "auto" if steps is None else steps,
+        "prefill": prefill,
+        "atlas": atlas_id,
+        "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
+    }
+    return json.loads(json.dumps(fp))  # the form it has after a round trip through disk
+
+
+def _brief(value: Any, limit: int = 160) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fingerprint_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """One phrase per field that differs between the folder's fingerprint ``old`` and this command's ``new``."""
+    names = {"max_new_tokens": "--max-new-tokens", "limit": "--limit", "prefill": "--prefill", "shard": "--shard"}
+    out = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key) != new.get(key):
+            what = names.get(key, key)
+            out.append(f"{what} differs: the folder has {_brief(old.get(key))}, this command {_brief(new.get(key))}")
+    return out
+
+
+def read_fingerprint(out: Path) -> dict[str, Any] | None:
+    path = out / FINGERPRINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        fp = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(fp, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{path} is damaged ({exc}); restore it, or choose another --out") from None
+    return fp
+
+
+def write_fingerprint(out: Path, fp: dict[str, Any]) -> Path:
+    from ..rundir import write_text
+
+    return write_text(out / FINGERPRINT_FILE, json.dumps(fp, indent=2) + "\n")
+
+
+def rank_folders(out: Path) -> list[Path]:
+    """The rank folders of a data-parallel compress run in ``out`` (of any number of ranks)."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name.startswith(RANK_PREFIX) and p.is_dir())
+
+
+def earlier_results(out: Path) -> list[str]:
+    """What of an earlier compress run ``out`` holds: its table, fingerprint, rank folders."""
+    found = [n for n in (ROWS_FILE, FINGERPRINT_FILE) if (out / n).exists()]
+    return found + [p.name for p in rank_folders(out)]
+
+
+def check_out(out: Path, fp: dict[str, Any], overwrite: bool, resume: bool) -> None:
+    """Before the model loads: refuse an --out that holds compress results unless --resume (same
+    fingerprint: else one line naming the fields that differ) or --overwrite."""
+    from ..rundir import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder; choose a folder path")
+    check_writable(out)
+    found = earlier_results(out) if out.is_dir() else []
+    if not found or overwrite:
+        return
+    if not resume:
+        raise OutputError(
+            f"--out {out} already holds compress results ({', '.join(found)}); pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    old = read_fingerprint(out)
+    if old is None:
+        raise OutputError(
+            f"--resume: {out} holds {', '.join(found)} but no {FINGERPRINT_FILE} (a run of an older headmap); "
+            f"write one with bench/compress_fingerprint.py {out} -- <its compress arguments>, or choose another --out"
+        )
+    diffs = fingerprint_differences(old, fp)
+    if diffs:
+        raise OutputError(
+            f"--resume: {out} holds another compress run: {'; '.join(diffs)}; run the command that made it "
+            f"(see {out / FINGERPRINT_FILE}), or choose another --out"
+        )
+
+
+def item_key(item: dict[str, Any]) -> tuple[str, str]:
+    return (str(item.get("task")), str(item["id"]))
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a compress.parquet as the dicts :func:`sweep` made (NaN where a float was NaN or null)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"{path} is damaged ({exc}); move it away to start that part over") from None
+    floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    rows = table.to_pylist()
+    for row in rows:
+        for name in floats:
+            if row[name] is None:
+                row[name] = float("nan")
+    return rows
+
+
+def finished_items(
+    paths: list[Path], runs: list[tuple[str, float, Any]], items: list[dict[str, Any]]
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The rows of every item that ``paths`` (compress.parquet files) hold complete: one row per run of
+    ``runs`` (the full cache and every press x ratio), ordered as the runs. Items with some rows missing
+    are left out (computed again); a row of an item this run does not make is refused."""
+    order = {(name, float(ratio)): k for k, (name, ratio, _) in enumerate(runs)}
+    known = {item_key(it) for it in items}
+    found: dict[tuple[str, str], dict[tuple[str, float], dict[str, Any]]] = {}
+    for path in paths:
+        for row in read_rows(path):
+            key = (str(row.get("task")), str(row.get("item")))
+            if key not in known:
+                raise OutputError(
+                    f"{path} holds item {key[1]} of task {key[0]}, which this command does not make; "
+                    "run the command that made the folder, or choose another --out"
+                )
+            found.setdefault(key, {}).setdefault((str(row.get("press")), float(row.get("ratio"))), row)
+    done = {}
+    for key, got in found.items():
+        if set(got) == set(order):
+            done[key] = sorted(got.values(), key=lambda r: order[(str(r["press"]), float(r["ratio"]))])
+    return done
+
+
+def ordered_rows(items: list[dict[str, Any]], rows: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict]:
+    """The rows of the items of ``rows``, in the order of ``items`` (the order of an uninterrupted run)."""
+    return [r for it in items if item_key(it) in rows for r in rows[item_key(it)]]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    import pandas as pd
+
+    from ..rundir import write_file
+
+    return write_file(path, lambda fh: pd.DataFrame(rows).to_parquet(fh, index=False))
+
+
+def remove_rank_folders(out: Path) -> None:
+    for folder in rank_folders(out):
+        for name in (ROWS_FILE,):
+            (folder / name).unlink(missing_ok=True)
+        for stray in folder.glob(f".{ROWS_FILE}.*"):  # a temporary file of a write that was killed
+            stray.unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # it holds files headmap did not write: leave them
+
+
+def start_rows(
+    out: Path,
+    fp: dict[str, Any],
+    runs: list[tuple[str, float, Any]],
+    items: list[dict[str, Any]],
+    lengths: dict[tuple[str, str], int],
+    overwrite: bool,
+    resume: bool,
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Rank 0 (or the one process) before the first item: the rows of the items already finished (with
+    --resume: from compress.parquet and the rank folders of a stopped data-parallel run, gathered into
+    compress.parquet), the earlier results gone (with --overwrite), and the fingerprint written."""
+    out.mkdir(parents=True, exist_ok=True)
+    done: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    if overwrite and not resume:
+        (out / ROWS_FILE).unlink(missing_ok=True)  # a stopped replacement must not resume the old rows
+        remove_rank_folders(out)
+    elif resume:
+        paths = [p for p in [out / ROWS_FILE, *(f / ROWS_FILE for f in rank_folders(out))] if p.is_file()]
+        done = finished_items(paths, runs, items)
+        for key, rows in done.items():
+            if rows[0].get("length") is not None and int(rows[0]["length"]) != lengths[key]:
+                raise OutputError(
+                    f"--resume: {out / ROWS_FILE} has item {key[1]} at {rows[0]['length']} tokens, this run makes "
+                    f"it {lengths[key]} tokens (another tokenizer?); run the command that made the folder, or "
+                    "choose another --out"
+                )
+        if rank_folders(out):  # one table again: the rank folders' rows move into compress.parquet
+            write_rows(out / ROWS_FILE, ordered_rows(items, done))
+            remove_rank_folders(out)
+    write_fingerprint(out, fp)
+    return done
+
+
+def shard_items(items: list[dict[str, Any]], part: tuple[int, int]) -> list[dict[str, Any]]:
+    """Shard i of n (0-based): a contiguous run of the items (scan's --shard, with one item per batch)."""
+    index, count = part
+    chosen = items[len(items) * index // count : len(items) * (index + 1) // count]
+    if not chosen:
+        raise OptionError(f"--shard {index}/{count} holds no item: the tasks make {len(items)} items; use fewer shards")
+    return chosen
+
+
+def items_signature(items: list[dict[str, Any]]) -> str:
+    """SHA-256 of every item's task, id, prompt, answers and cluster, in order (what the ranks compare)."""
+    rows = [[it.get("task"), it["id"], it["prompt"], it["answers"], it.get("cluster")] for it in items]
+    return f"{len(items)} items, sha256 {hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]}"
+
+
+RESUME_HELP = (
+    "continue the stopped run in --out (the same command): items whose rows compress.parquet holds complete are "
+    "kept, the others computed; refused when the command differs from the folder's compress-fingerprint.json"
+)
+SHARD_HELP = "evaluate shard I of N only (0-based, e.g. 0/4): a contiguous run of the items"
+
+
 @app.command("compress")
 def compress_command(
     model: Annotated[str, typer.Argument(help="hub id, local folder or built-in name (smollm2); a causal LM")],
@@ -433,7 +741,11 @@ def compress_command(
     max_new_tokens: Annotated[str, typer.Option(help=TOKENS_HELP)] = "16",
     prefill: Annotated[str, typer.Option(help=PREFILL_HELP)] = "shared",
     allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help=OVERLAP_HELP)] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace an earlier compress.parquet in --out")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace an earlier compress run in --out (its table is deleted at the start)")
+    ] = False,
+    resume: Annotated[bool, typer.Option("--resume", help=RESUME_HELP)] = False,
+    shard: Annotated[str | None, typer.Option(help=SHARD_HELP)] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
     device_map: DeviceMap = None,
@@ -441,14 +753,13 @@ def compress_command(
     offload_folder: OffloadFolder = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar over the items")] = True,
 ) -> None:
-    """Evaluate every --press at every --ratio against the full cache on the same --task items."""
-    from ..edits import load_atlas
-    from ..evaluation import heldout
-    from ..models import load_model, max_positions
-    from ..presses import parse_press
-    from ..presses.base import check_model
-    from ..rundir import check_writable, write_file, write_text
-    from .evaluate import _checks
+    """Evaluate every --press at every --ratio against the full cache on the same --task items.
+
+    A stopped run continues with --resume. Started by torchrun --nproc-per-node N -m headmap compress ...
+    (or accelerate launch), the ranks share the items and rank 0 writes the one run folder.
+    """
+    from ..parallel import Ranks
+    from ..scan.check import shard as parse_shard
 
     tasks = list(task or ["needle"])
     ratios = parse_ratios(ratio)
@@ -457,30 +768,71 @@ def compress_command(
         raise OptionError(f"--limit must be at least 1, got {limit}")
     if prefill not in PREFILL_MODES:
         raise OptionError(f"--prefill must be one of {', '.join(PREFILL_MODES)} (got {prefill!r})")
+    if resume and overwrite:
+        raise OptionError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    part = parse_shard(shard)
     for spec in tasks:
         check_task(spec)
-    presses = []
-    for spec in press:
-        for r in ratios:
-            extra = {"atlas": str(atlas)} if atlas is not None and spec.split(":")[0] == "head_aware" else {}
-            built = parse_press(spec, ratio=r, **extra)
-            presses.append((spec, r, built))
-    check_writable(out)
-    target = out / "compress.parquet"
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target} exists; pass --overwrite to replace it, or choose another --out")
+    presses = plan_presses(press, ratios, atlas)
+    fp = run_fingerprint(model, presses, ratios, tasks, limit, steps, prefill, atlas, dtype, part)
+    ranks = Ranks.start(device)  # None: one process; else this rank of a torchrun / accelerate launch
+    try:
+        if ranks is not None and part is not None:
+            raise OptionError("--shard selects work for one process; under torchrun the ranks share the items")
+        _compress(
+            ranks, model, presses, tasks, fp, out, atlas, limit, steps, max_new_tokens, prefill, allow_overlap,
+            overwrite, resume, part, dtype, ranks.device(device) if ranks else device,
+            placement(device_map, max_memory, offload_folder), progress,
+        )  # fmt: skip
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _compress(
+    ranks: Any,
+    model: str,
+    presses: list[tuple[str, float, Any]],
+    tasks: list[str],
+    fp: dict[str, Any],
+    out: Path,
+    atlas: Path | None,
+    limit: int,
+    steps: int | None,
+    max_new_tokens: str,
+    prefill: str,
+    allow_overlap: bool,
+    overwrite: bool,
+    resume: bool,
+    part: tuple[int, int] | None,
+    dtype: str,
+    device: str,
+    where: dict[str, Any],
+    progress: bool,
+) -> None:
+    from ..edits import load_atlas
+    from ..evaluation import heldout
+    from ..models import load_model, max_positions
+    from ..parallel import owner, sharing, split_work
+    from ..presses.base import check_model
+    from ..rundir import lock, write_text
+    from .evaluate import _checks
+
+    lead = ranks is None or ranks.leader
+    together = ranks.together if ranks is not None else (lambda step: step())
+    together(lambda: check_out(out, fp, overwrite, resume) if lead else None)  # before the model loads
     atlas_obj = load_atlas(atlas) if atlas is not None else None
     atlas_side = heldout.from_description((getattr(atlas_obj, "meta", None) or {}).get("corpus"))
     exclude = [atlas_side.as_exclude()] if atlas_obj is not None and atlas_side.recorded else None
     checks: list = []
     per_task: dict[str, list[dict[str, Any]]] = {}
     for spec in tasks:  # task files are read (and checked against the atlas) before the model loads
-        if spec.endswith(".jsonl") or Path(spec).is_file():
+        if _is_file_task(spec):
             per_task[spec] = load_items(spec, None, limit, None)
             if atlas_obj is not None:
                 side = heldout.from_items([it["info"] for it in per_task[spec]], f"task {spec}")
                 checks.append(heldout.check(atlas_side, side, allow_overlap))
-    loaded = load_model(model, dtype=dtype, device=device, **placement(device_map, max_memory, offload_folder))
+    loaded = load_model(model, dtype=dtype, device=device, **where)
     check_model(loaded.model)
     limit_tokens = max_positions(loaded.model.config)
     for spec in tasks:
@@ -490,54 +842,108 @@ def compress_command(
                 side = heldout.from_items([it["info"] for it in per_task[spec]], f"task {spec}")
                 checks.append(heldout.check(atlas_side, side, allow_overlap))
     items = interleave([per_task[spec] for spec in tasks])
+    lengths: dict[tuple[str, str], int] = {}
     for item in items:
         n = len(loaded.tokenizer(item["prompt"])["input_ids"])
+        lengths[item_key(item)] = n
         new = steps if steps is not None else answer_steps(loaded.tokenizer, item["answers"])
         if limit_tokens is not None and n + new > limit_tokens:
             raise TaskError(
                 f"--task item {item['id']}: {n} tokens + {new} new tokens exceed the model's limit of "
                 f"{limit_tokens} positions; use a shorter context or fewer --max-new-tokens"
             )
+    if part is not None:
+        items = shard_items(items, part)
     for _, _, built in presses:
         built.bind(loaded.model)
-    if atlas_obj is not None:
+    if ranks is not None:  # every rank runs the same command on the same items, or none starts
+        mine = {**fp, "items": items_signature(items), "--out": str(out.resolve()), "--resume": resume}
+        together(lambda: ranks.agree_on(mine, "compress"))
+    if atlas_obj is not None and lead:
         _checks(checks, atlas_obj)
-    import pandas as pd
+    runs = with_full(presses)
 
-    out.mkdir(parents=True, exist_ok=True)
-
-    def write_rows(rows: list[dict[str, Any]]) -> None:  # after every item: a stopped run keeps what is done
-        write_file(target, lambda fh: pd.DataFrame(rows).to_parquet(fh, index=False))
-
-    with _progress_bar(progress, len(items)) as step:
-        rows = sweep(
-            loaded.model, loaded.tokenizer, presses, items, steps, prefill=prefill, progress=step, on_item=write_rows
-        )
-    meta = {
-        "tasks": tasks,
-        "items": len(items),
-        "max_new_tokens": max_new_tokens,
-        "prefill": prefill,
-        "timing": TIMING[prefill],
-        "held_out": [c.as_dict() for c in checks] if atlas_obj is not None else "not checked: no --atlas",
-    }
-    summary = summarize(rows)
-    task_text = " + ".join(tasks)
-    write_text(
-        out / "compress.json",
-        json.dumps({"model": loaded.model_id, "task": task_text, **meta, "summary": summary}, indent=2),
+    say: Callable[[str], None] = (
+        (lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True))
+        if lead
+        else (lambda text: None)
     )
-    plot(summary, out / "compress.png")
-    for s in summary:
-        console.print(
-            f"{s['press']:<28} ratio {s['ratio']:.2f}  accuracy {s['accuracy']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
-            f"  cache {s['cache_bytes'] / 2**20:.2f} MiB  prefill {s['prefill_s']:.3f} s"
-            f"  decode {1000 * s['decode_s_per_token']:.1f} ms/token",
-            highlight=False,
-            markup=False,
-        )
-    console.print(f"wrote {target}, {out / 'compress.json'}, {out / 'compress.png'}", highlight=False, markup=False)
-    from ..report import write_compress_report
+    # one writer per output folder (rank 0's lock); the ranks write only their own rank folders
+    with lock(out, command=_command_line()) if lead else nullcontext():
+        kept = together(lambda: start_rows(out, fp, runs, items, lengths, overwrite, resume) if lead else {})
+        kept_keys = set(kept) if ranks is None else ranks.gather(set(kept) if lead else None)[0]
+        todo = [it for it in items if item_key(it) not in kept_keys]
+        if resume:
+            say(f"resuming {out}: {len(items) - len(todo)} of {len(items)} items done, {len(todo)} to go")
+        new: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        mine_file = out / RANK_DIR.format(rank=ranks.rank, world=ranks.world) / ROWS_FILE if ranks else None
+        share = len(todo) if ranks is None else sum(owner(k, ranks.world) == ranks.rank for k in range(len(todo)))
 
-    page = write_compress_report(out)  # the scan's report with a compress section when --out is a scan run
-    console.print(f"wrote {page}", highlight=False, markup=False)
+        with _progress_bar(progress and lead, share) as step:
+
+            def compute(item: dict[str, Any]) -> list[dict[str, Any]]:
+                rows = item_rows(loaded.model, loaded.tokenizer, runs, item, steps, prefill)
+                new[item_key(item)] = rows
+                if mine_file is None:  # one process: the whole table so far, after every item
+                    write_rows(out / ROWS_FILE, ordered_rows(items, {**kept, **new}))
+                else:  # a rank: its own finished items, in its own folder
+                    mine_file.parent.mkdir(exist_ok=True)
+                    write_rows(mine_file, ordered_rows(items, new))
+                step(len(new), share)
+                return rows
+
+            try:
+                with sharing(ranks):
+                    done = split_work(todo, compute, "item") if todo else []
+            except KeyboardInterrupt:
+                if lead:
+                    err_print(
+                        f"headmap: stopped after {len(kept) + len(new)} of {len(items)} items; {out / ROWS_FILE} "
+                        "keeps them: run the same command with --resume to continue"
+                    )
+                raise
+        if not lead:
+            return
+        rows = ordered_rows(items, {**kept, **dict(zip(map(item_key, todo), done, strict=True))})
+        target = write_rows(out / ROWS_FILE, rows)
+        remove_rank_folders(out)
+        meta = {
+            "tasks": tasks,
+            "items": len(items),
+            "max_new_tokens": max_new_tokens,
+            "prefill": prefill,
+            "timing": TIMING[prefill],
+            "held_out": [c.as_dict() for c in checks] if atlas_obj is not None else "not checked: no --atlas",
+        }
+        if part is not None:
+            meta["shard"] = f"{part[0]}/{part[1]}"
+        summary = summarize(rows)
+        task_text = " + ".join(tasks)
+        write_text(
+            out / "compress.json",
+            json.dumps({"model": loaded.model_id, "task": task_text, **meta, "summary": summary}, indent=2),
+        )
+        plot(summary, out / "compress.png")
+        for s in summary:
+            say(
+                f"{s['press']:<28} ratio {s['ratio']:.2f}  accuracy {s['accuracy']:.2f} [{s['low']:.2f}, "
+                f"{s['high']:.2f}]  cache {s['cache_bytes'] / 2**20:.2f} MiB  prefill {s['prefill_s']:.3f} s"
+                f"  decode {1000 * s['decode_s_per_token']:.1f} ms/token"
+            )
+        say(f"wrote {target}, {out / 'compress.json'}, {out / 'compress.png'}")
+        from ..report import write_compress_report
+
+        page = write_compress_report(out)  # the scan's report with a compress section when --out is a scan run
+        say(f"wrote {page}")
+
+
+def _command_line() -> str:
+    from ..rundir import command_line
+
+    return command_line()
+
+
+def err_print(text: str) -> None:
+    from .app import err
+
+    err.print(text, highlight=False, markup=False, soft_wrap=True)

@@ -21,7 +21,6 @@ exit. The same command with ``--resume`` goes on from every rank's own checkpoin
 from __future__ import annotations
 
 import shutil
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,13 +103,8 @@ def remove_rank_folder(folder: Path | None) -> None:
 
 
 def idle_note(ranks: Ranks, batches: int) -> None:
-    """More ranks than batches: said once, by rank 0."""
-    if ranks.leader and batches < ranks.world:
-        warnings.warn(
-            f"{ranks.world} ranks for {batches} batches: ranks {batches} to {ranks.world - 1} have no inputs "
-            "and only wait for the others",
-            stacklevel=3,
-        )
+    """More ranks than batches: said once, by rank 0 (:meth:`headmap.parallel.Ranks.idle_note`)."""
+    ranks.idle_note(batches, "batch")
 
 
 # -- merging probe states ------------------------------------------------------------------------
