@@ -244,6 +244,18 @@ def test_a_heads_rule_reads_the_rows_of_the_edits_tower(llava_dir):
         model(**inputs)  # binds against the vision tower's 2 x 2 heads
     with pytest.raises(EditError, match="no head rows of the cross tower"):
         Ablate(heads="top 2 sink", atlas=atlas, tower="cross")
+    # a metric measured in the vision tower only: the rule is read there from the start (in Python and in a spec)
+    rows = [
+        dict(probe=p, metric=p, tower=t, layer=l, head=h, kv_head=h, value=float(l + h), stderr=0.0, n=1)
+        for p, t in (("sink", "text"), ("patchy", "vision"))
+        for l in (0, 1)
+        for h in range(2)
+    ]
+    only = Atlas(heads=pd.DataFrame(rows), meta={})
+    assert Ablate(heads="top 1 patchy", atlas=only, tower="vision").heads == [(1, 1)]
+    assert make_edits('ablate:heads="top 1 patchy":tower=vision', atlas=only)[0].heads == [(1, 1)]
+    with pytest.raises(EditError, match="no head metric 'patchy'"):
+        Ablate(heads="top 1 patchy", atlas=only)  # the language tower has no such rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -156,6 +156,8 @@ class Edit:
 
         @functools.wraps(init)
         def __init__(self, *args: Any, tower: str | None = None, **kw: Any) -> None:
+            if tower is not None:
+                self.tower = self._tower_name(tower)  # before init: a heads rule resolved there reads this tower
             init(self, *args, **kw)
             if tower is not None:
                 self.set_tower(tower)
@@ -170,6 +172,8 @@ class Edit:
         self.heads_rule: str | None = None
         self.heads: list[tuple[int, int]] | None = None
         self._shape: tuple[int, int] | None = None
+        if tower is not None:
+            self.tower = self._tower_name(tower)
         if isinstance(heads, str):
             from .heads import parse_rule
 
@@ -183,10 +187,14 @@ class Edit:
         if tower is not None:
             self.set_tower(tower)
 
-    def set_tower(self, tower: str) -> None:
-        """Make the edit act on ``tower`` (EditError for a tower the edit cannot act on)."""
+    def _tower_name(self, tower: Any) -> str:
         if not isinstance(tower, str) or tower not in TOWERS:
             raise EditError(f"{self.label}: tower must be one of {', '.join(TOWERS)}, got {tower!r}")
+        return tower
+
+    def set_tower(self, tower: str) -> None:
+        """Make the edit act on ``tower`` (EditError for a tower the edit cannot act on)."""
+        tower = self._tower_name(tower)
         allowed = self.allowed_towers()
         if allowed is not None and tower not in allowed:
             raise EditError(
@@ -194,7 +202,7 @@ class Edit:
                 f"language model), so tower={tower} is not possible; leave tower out"
             )
         self.tower = tower
-        if self.heads_rule is not None and self.atlas is not None:
+        if self.heads_rule is not None and self.atlas is not None and getattr(self, "_rule_tower", 0) != tower:
             self._resolve_rule(None)  # the rule reads the rows of this tower
 
     def allowed_towers(self) -> tuple[str, ...] | None:
@@ -232,6 +240,7 @@ class Edit:
         self.atlas = load_atlas(self.atlas)
         self.heads = select_heads(self.heads_rule, self.atlas, shape=shape, edit=self.label, tower=self.tower)
         self._layers = {l for l, _ in self.heads}
+        self._rule_tower = self.tower
 
     def bind(self, model: nn.Module) -> None:
         """Called when a session starts: resolve a heads rule, check the heads against the model (against
