@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import EditError
 from ..specs import parse_options, split_top
 from .ablate import Ablate
-from .base import Edit, model_shape
+from .base import Edit, model_shape, tower_shape
 from .first_token import ScaleFirstToken
 from .heads import Rule, load_atlas, parse_rule, select_heads
 from .local import ReinforceLocal
@@ -47,8 +47,10 @@ _NOT_IN_SPECS = {"self", "atlas", "means"}
 
 
 def spec_parameters(cls: type[Edit]) -> list[str]:
-    """Names a spec may set for an edit class."""
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in _NOT_IN_SPECS]
+    """Names a spec may set for an edit class: its constructor's, and ``tower`` (every edit takes it:
+    the tower its layers refer to, edits/base.py)."""
+    names = [p for p in inspect.signature(cls.__init__).parameters if p not in _NOT_IN_SPECS]
+    return names + ([] if "tower" in names else ["tower"])
 
 
 def parse_edit(spec: str, atlas: Any = None) -> Edit:
@@ -115,4 +117,5 @@ __all__ = [
     "parse_rule",
     "select_heads",
     "spec_parameters",
+    "tower_shape",
 ]

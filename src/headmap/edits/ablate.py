@@ -140,7 +140,7 @@ class Ablate(Edit):
             raise EditError("ablate: the reference inputs are empty")
         if self.heads_rule is not None or self._shape is None:
             Edit.bind(self, model)  # resolve a heads rule, check the heads exist
-        recorder = _RecordMeans(self.heads)
+        recorder = _RecordMeans(self.heads, tower=self.tower)
         device = next(model.parameters()).device
         with torch.no_grad(), observe(model, edits=[recorder]):
             for batch in batches:

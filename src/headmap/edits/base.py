@@ -18,10 +18,20 @@ neutral setting returns its input tensor itself.
 ``heads`` is an iterable of (layer, head) pairs, None for every head, or a rule over an atlas
 (``"top 5% retrieval"``, ``"sink > 0.5 in layers 2 to 10"``; see :mod:`headmap.edits.heads`),
 resolved against ``atlas`` when the edit is made or, failing that, when a session binds it.
+
+**Towers.** An edit acts on one tower of the model (docs/multimodal.md): its layer numbers, its heads
+and its heads rule refer to the model's *language tower* (``text``; ``decoder`` in an encoder-decoder;
+``vision`` in a vision encoder alone) unless it names another with ``tower=`` (``vision``, ``encoder``,
+``decoder``, ``cross`` or ``text``; in a spec ``ablate:heads=[[1,0]]:tower=vision``). A vision tower
+numbers its layers from 0 like the language model, so without this rule "layer 3" would be two layers.
+The rule lives in one place, the engine's choice of edits for an attention call
+(:meth:`headmap.engine.registry.CallContext.edits_for`): the hooks of an edit never see a block of another
+tower, and every subclass takes ``tower=`` without declaring it (:meth:`Edit.__init_subclass__`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -30,7 +40,7 @@ import torch
 from torch import nn
 
 from .. import models
-from ..engine import Block, active_sessions
+from ..engine import TOWERS, Block, active_sessions, language_tower, model_towers
 from ..errors import EditError, ModelError
 
 
@@ -43,6 +53,45 @@ def model_shape(model: nn.Module) -> tuple[int, int]:
     except ModelError as exc:
         raise EditError(str(exc)) from None
     return shape.layers, shape.heads
+
+
+def _count(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def tower_shape(model: nn.Module, tower: str) -> tuple[int, int] | None:
+    """(layers, query heads per layer) of one tower of ``model`` from its config; None when the config does
+    not say (the edit's heads are then not checked against the tower).
+
+    ``text`` (and Mllama's ``cross`` layers, which sit among the text layers): :func:`model_shape`.
+    ``vision``: the ``vision_config`` (a vision encoder alone: :func:`model_shape`). ``encoder``,
+    ``decoder``: the encoder's and the decoder's counts of an encoder-decoder; ``cross``: the decoder's.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    main = language_tower(model)
+    if tower == "vision":
+        if main == "vision":
+            return model_shape(model)
+        vision = getattr(config, "vision_config", None)
+        layers = _count(vision, "num_hidden_layers", "depth", "num_layers")
+        heads = _count(vision, "num_attention_heads", "num_heads")
+    elif main == "decoder" and tower in ("decoder", "cross"):
+        layers = _count(config, "decoder_layers", "num_decoder_layers", "num_layers")
+        heads = _count(config, "decoder_attention_heads", "num_heads")
+    elif main == "decoder" and tower == "encoder":
+        layers = _count(config, "encoder_layers", "num_layers")
+        heads = _count(config, "encoder_attention_heads", "num_heads")
+    elif tower in ("text", "cross"):
+        return model_shape(model)
+    else:
+        return None
+    return (layers, heads) if layers and heads else None
 
 
 def check_number(edit: str, key: str, value: Any, low: float = 0.0, strict: bool = False) -> float:
@@ -87,16 +136,44 @@ def _is_int(x: Any) -> bool:
 
 
 class Edit:
-    """Base edit. ``heads``: (layer, head) pairs, None for every head, or a rule over ``atlas``."""
+    """Base edit. ``heads``: (layer, head) pairs, None for every head, or a rule over ``atlas``; ``tower``:
+    the tower they are in (None: the model's language tower; see the module docstring)."""
 
     #: Name in specs (``headmap steer --edit NAME:key=value``) and in :data:`headmap.edits.EDITS`.
     name: ClassVar[str] = ""
+    #: The towers the edit can act on (None: any). An edit of the language model's attention to image
+    #: tokens (``pai``, ``var``) acts on ``text`` only.
+    towers: ClassVar[tuple[str, ...] | None] = None
+    #: The tower named by ``tower=`` (None: the model's language tower, decided when a session runs it).
+    tower: str | None = None
 
-    def __init__(self, heads: Iterable[tuple[int, int]] | str | None = None, atlas: Any = None) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every edit class takes ``tower=`` (a keyword its own ``__init__`` need not declare)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_takes_tower", False):
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, tower: str | None = None, **kw: Any) -> None:
+            if tower is not None:
+                self.tower = self._tower_name(tower)  # before init: a heads rule resolved there reads this tower
+            init(self, *args, **kw)
+            if tower is not None:
+                self.set_tower(tower)
+
+        __init__._takes_tower = True  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
+    def __init__(
+        self, heads: Iterable[tuple[int, int]] | str | None = None, atlas: Any = None, tower: str | None = None
+    ) -> None:
         self.atlas = atlas
         self.heads_rule: str | None = None
         self.heads: list[tuple[int, int]] | None = None
         self._shape: tuple[int, int] | None = None
+        if tower is not None:
+            self.tower = self._tower_name(tower)
         if isinstance(heads, str):
             from .heads import parse_rule
 
@@ -107,6 +184,30 @@ class Edit:
         elif heads is not None:
             self.heads = parse_heads(heads, self.label)
         self._layers = None if self.heads is None else {l for l, _ in self.heads}
+        if tower is not None:
+            self.set_tower(tower)
+
+    def _tower_name(self, tower: Any) -> str:
+        if not isinstance(tower, str) or tower not in TOWERS:
+            raise EditError(f"{self.label}: tower must be one of {', '.join(TOWERS)}, got {tower!r}")
+        return tower
+
+    def set_tower(self, tower: str) -> None:
+        """Make the edit act on ``tower`` (EditError for a tower the edit cannot act on)."""
+        tower = self._tower_name(tower)
+        allowed = self.allowed_towers()
+        if allowed is not None and tower not in allowed:
+            raise EditError(
+                f"{self.label} acts on the {' or '.join(allowed)} tower only (it edits attention to positions of the "
+                f"language model), so tower={tower} is not possible; leave tower out"
+            )
+        self.tower = tower
+        if self.heads_rule is not None and self.atlas is not None and getattr(self, "_rule_tower", 0) != tower:
+            self._resolve_rule(None)  # the rule reads the rows of this tower
+
+    def allowed_towers(self) -> tuple[str, ...] | None:
+        """The towers this edit can act on (None: any); :attr:`towers` unless a subclass says otherwise."""
+        return self.towers
 
     # -- naming ----------------------------------------------------------------------------------
     @property
@@ -128,6 +229,8 @@ class Edit:
             rule = f" ({self.heads_rule})" if self.heads_rule else ""
             heads = f"{len(self.heads)} head{'s' if len(self.heads) != 1 else ''}{rule}: {shown}{more}"
         extra = ", ".join(f"{k}={v}" for k, v in self.params().items())
+        if self.tower is not None:
+            heads = f"{heads} of the {self.tower} tower"
         return f"{self.label}({extra}) on {heads}" if extra else f"{self.label} on {heads}"
 
     # -- heads -----------------------------------------------------------------------------------
@@ -135,26 +238,50 @@ class Edit:
         from .heads import load_atlas, select_heads
 
         self.atlas = load_atlas(self.atlas)
-        self.heads = select_heads(self.heads_rule, self.atlas, shape=shape, edit=self.label)
+        self.heads = select_heads(self.heads_rule, self.atlas, shape=shape, edit=self.label, tower=self.tower)
         self._layers = {l for l, _ in self.heads}
+        self._rule_tower = self.tower
 
     def bind(self, model: nn.Module) -> None:
-        """Called when a session starts: resolve a heads rule, check the heads against the model."""
+        """Called when a session starts: resolve a heads rule, check the heads against the model (against
+        the edit's tower when it names one)."""
         layers, heads = model_shape(model)
+        where = "the model"
+        main = language_tower(model)
+        if self.tower is not None and self.tower != main:
+            present = model_towers(model)
+            if self.tower not in present:
+                raise EditError(
+                    f"{self.label}: tower={self.tower}, but the model has no {self.tower} tower (its attention is in: "
+                    f"{', '.join(t for t in TOWERS if t in present) or 'none'}); leave tower out for its {main} tower"
+                )
+            where = f"the model's {self.tower} tower"
+        shape = tower_shape(model, self.tower or main)
+        if shape is None and (self.tower or main) != main:
+            # a tower whose counts the config does not give: a rule reads the atlas rows of that tower
+            self._shape = None
+            if self.heads_rule is not None:
+                self._bind_rule(None)
+            return
+        if shape is not None:
+            layers, heads = shape
         self._shape = (layers, heads)
         if self.heads_rule is not None:
-            if self.atlas is None:
-                raise EditError(
-                    f"{self.label}: heads rule {self.heads_rule!r} needs an atlas: pass atlas= (an Atlas or a run "
-                    "folder of headmap scan) to the edit or to headmap.steer, or --atlas RUN_DIR on the command line"
-                )
-            self._resolve_rule((layers, heads))
+            self._bind_rule((layers, heads))
         for layer, head in self.heads or ():
             if not (0 <= layer < layers and 0 <= head < heads):
                 raise EditError(
-                    f"{self.label} names layer {layer} head {head}, which does not exist: the model has {layers} "
-                    f"layers x {heads} heads (layers 0-{layers - 1}, heads 0-{heads - 1})"
+                    f"{self.label} names layer {layer} head {head}, which does not exist: {where} has "
+                    f"{layers} layers x {heads} heads (layers 0-{layers - 1}, heads 0-{heads - 1})"
                 )
+
+    def _bind_rule(self, shape: tuple[int, int] | None) -> None:
+        if self.atlas is None:
+            raise EditError(
+                f"{self.label}: heads rule {self.heads_rule!r} needs an atlas: pass atlas= (an Atlas or a run "
+                "folder of headmap scan) to the edit or to headmap.steer, or --atlas RUN_DIR on the command line"
+            )
+        self._resolve_rule(shape)
 
     def applies_to_layer(self, layer: int) -> bool:
         if self.heads is None and self.heads_rule is not None:

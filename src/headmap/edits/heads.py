@@ -139,10 +139,13 @@ def select_heads(
     atlas: Any,
     shape: tuple[int, int] | None = None,
     edit: str = "edit",
+    tower: str | None = None,
 ) -> list[tuple[int, int]]:
     """The (layer, head) pairs a rule selects in ``atlas``, sorted.
 
-    ``shape`` (layers, heads of the model the edit will run on) is checked against the atlas.
+    ``shape`` (layers, heads of the model the edit will run on) is checked against the atlas. The rule
+    reads the rows of ``tower`` (None: the atlas's main tower, :func:`headmap.atlas.main_tower`: a VLM's
+    text model, an encoder-decoder's decoder), so that a vision layer never stands for a text layer.
     """
     parsed = rule if isinstance(rule, Rule) else parse_rule(rule)
     text = parsed.text
@@ -150,14 +153,23 @@ def select_heads(
     if atlas is None:
         raise EditError(f"{edit}: heads rule {text!r} needs an atlas (atlas= or --atlas RUN_DIR)")
     heads = atlas.heads
+    main = None
     if heads is not None and len(heads):
-        from ..atlas import tower_rows
+        from ..atlas import main_tower, tower_rows
 
-        heads = tower_rows(heads)  # the main tower (a VLM: text; docs/multimodal.md)
+        main = main_tower(heads)
+        heads = tower_rows(heads, tower)  # the main tower unless told (a VLM: text; docs/multimodal.md)
     if heads is None or not len(heads):
+        if tower is not None and atlas.heads is not None and len(atlas.heads):
+            raise EditError(
+                f"{edit}: heads rule {text!r}: the atlas has no head rows of the {tower} tower (scan the model on "
+                "inputs that run it: an image corpus for a vision tower)"
+            )
         raise EditError(f"{edit}: heads rule {text!r}: the atlas has no head table")
+    arch = (atlas.meta or {}).get("architecture") or {}
+    if tower is not None and tower != main:
+        arch = (arch.get("towers") or {}).get(tower) or {}  # the meta of a run with several towers
     if shape is not None:
-        arch = (atlas.meta or {}).get("architecture") or {}
         want = (arch.get("layers"), arch.get("heads"))
         if all(isinstance(x, int) for x in want) and tuple(want) != tuple(shape):
             raise EditError(

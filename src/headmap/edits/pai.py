@@ -46,6 +46,7 @@ class Pai(Edit):
     """Add log(``alpha``) to the logits of image keys for text queries, in ``layers`` (None: every layer)."""
 
     name = "pai"
+    towers = ("text",)  # image keys are positions of the language model
 
     def __init__(
         self,
@@ -104,7 +105,7 @@ class Pai(Edit):
         return super().applies_to_layer(layer) and (self.layers is None or layer in self.layers)
 
     def edit_logits(self, block: Block, logits: torch.Tensor) -> torch.Tensor:
-        if self.alpha == 1.0 or block.tower != "text" or block.is_cross:
+        if self.alpha == 1.0:  # the engine gives it the blocks of the text tower only (edits/base.py)
             return logits
         if self._ids is None:
             raise EditError(f"{self.name}: no input ids seen yet; run the model with input_ids")

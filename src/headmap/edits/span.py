@@ -107,6 +107,10 @@ class SpanEdit(Edit):
         self._hook = None
         super().__init__(heads=heads, atlas=atlas)
 
+    def allowed_towers(self) -> tuple[str, ...] | None:
+        """``span=image``: the image tokens are positions of the language model, so the ``text`` tower only."""
+        return ("text",) if self.is_image_span else self.towers
+
     @property
     def is_image_span(self) -> bool:
         """The span is the input's image tokens (``span=image``)."""
@@ -176,12 +180,7 @@ class SpanEdit(Edit):
     def span_columns(self, block: Block) -> torch.Tensor:
         """[B, bk] bool: key columns inside the span."""
         if self.is_image_span:
-            if block.tower != "text" or block.is_cross:  # the image tokens are positions of the language model
-                return torch.zeros(
-                    (block.query_valid.shape[0], block.k_end - block.k_start),
-                    dtype=torch.bool,
-                    device=block.k_pos.device,
-                )
+            # the engine gives this edit the blocks of the text tower only (allowed_towers; edits/base.py)
             if self._ids is None:
                 raise EditError(f"{self.name}: span=image but no input ids seen yet; run the model with input_ids")
             image = self._ids.to(block.k_pos.device) == self.image_token_id

@@ -57,6 +57,7 @@ class Var(Edit):
     """VAR: in image-centric rows, move a fraction ``p`` of the visual sinks' attention to the other image tokens."""
 
     name = "var"
+    towers = ("text",)  # image keys and visual sinks are positions of the language model
 
     def __init__(
         self,
@@ -155,7 +156,7 @@ class Var(Edit):
         return super().applies_to_layer(layer) and (self.layers is None or layer in self.layers)
 
     def edit_probs(self, block: Block, probs: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or block.tower != "text" or block.is_cross:
+        if self.p == 0.0:  # the engine gives it the blocks of the text tower only (edits/base.py)
             return probs
         sinks = self._sinks.get(block.layer)
         if self._ids is None or sinks is None:

@@ -44,6 +44,6 @@ class Vhr(Edit):
         return {"factor": self.factor}
 
     def edit_output(self, block: Block, out: torch.Tensor) -> torch.Tensor:
-        if self.factor == 1.0 or block.tower != "text" or block.is_cross:
+        if self.factor == 1.0:  # the engine gives it the blocks of its tower only (edits/base.py)
             return out
         return self.on_heads(block, out, lambda x, heads: x * self.factor)

@@ -5,11 +5,13 @@ from .block import Block
 from .mask import LazyMask, headmap_mask
 from .registry import active as active_sessions
 from .session import IMPLEMENTATION, TESTED_MODEL_TYPES, Session, check_supported, observe, register
+from .towers import TOWERS, language_tower, model_towers
 
 __all__ = [
     "CONFIG",
     "IMPLEMENTATION",
     "TESTED_MODEL_TYPES",
+    "TOWERS",
     "Block",
     "EngineConfig",
     "LazyMask",
@@ -18,6 +20,8 @@ __all__ = [
     "check_supported",
     "headmap_attention_forward",
     "headmap_mask",
+    "language_tower",
+    "model_towers",
     "observe",
     "register",
     "rows_per_block",

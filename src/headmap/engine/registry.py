@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .towers import language_tower, tower_of
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -56,9 +58,18 @@ class CallContext:
     edits: tuple
     check_finite: bool = False
     model: nn.Module | None = None  # the model of the first session that owns the module
+    tower: str = "text"  # the module's tower (engine/towers.py)
 
     def edits_for(self, layer: int) -> tuple:
-        return tuple(e for e in self.edits if e.applies_to_layer(layer))
+        """The edits that act on this call: layer ``layer`` of the module's tower (an edit acts on one
+        tower, by default the model's language tower: see :func:`edit_tower`)."""
+        return tuple(e for e in self.edits if e.applies_to_layer(layer) and edit_tower(e, self.model) == self.tower)
+
+
+def edit_tower(edit: object, model: nn.Module | None) -> str:
+    """The tower ``edit`` acts on: its ``tower`` when it names one, else the model's language tower
+    (``text``; ``decoder`` in an encoder-decoder; ``vision`` in a vision encoder alone)."""
+    return getattr(edit, "tower", None) or language_tower(model)
 
 
 def context_for(module: nn.Module, heads: int, kv_heads: int) -> CallContext | None:
@@ -67,9 +78,10 @@ def context_for(module: nn.Module, heads: int, kv_heads: int) -> CallContext | N
     if not owners:
         return None
     layer = layer_index(module, owners[0].model)
+    tower = tower_of(module, owners[0].model)[0]
     for s in owners:
-        s.record_layer(layer, heads, kv_heads)
+        s.record_layer(layer, heads, kv_heads, tower)
     probes = tuple(p for s in owners for p in s.probes)
     edits = tuple(e for s in owners for e in s.edits)
     check = any(getattr(s, "check_finite", False) for s in owners)
-    return CallContext(layer=layer, probes=probes, edits=edits, check_finite=check, model=owners[0].model)
+    return CallContext(layer=layer, probes=probes, edits=edits, check_finite=check, model=owners[0].model, tower=tower)

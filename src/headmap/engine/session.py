@@ -23,6 +23,7 @@ from ..errors import UnsupportedModelError
 from . import registry
 from .attention import headmap_attention_forward
 from .mask import headmap_mask
+from .towers import language_tower, layer_key, split_layer_key
 
 IMPLEMENTATION = "headmap"
 
@@ -166,7 +167,10 @@ class Session:
         self.commit_mode = commit
         #: raise NumericalError (naming layer and head) when an attention output is NaN or inf
         self.check_finite = check_finite
-        self.layers: dict[int, tuple[int, int]] = {}
+        #: (heads, kv_heads) of every layer seen, keyed by :func:`~headmap.engine.towers.layer_key`: the
+        #: layer number for the ``text`` tower (a text model: ``{layer: (heads, kv_heads)}`` as ever),
+        #: ``(tower, layer)`` for the others (a VLM's vision layers are numbered from 0 too)
+        self.layers: dict[int | tuple[str, int], tuple[int, int]] = {}
         self._module_ids: set[int] = set()
         self._previous: str | None = None
         self._hook = None
@@ -175,8 +179,19 @@ class Session:
     def owns(self, module: nn.Module) -> bool:
         return id(module) in self._module_ids
 
-    def record_layer(self, layer: int, heads: int, kv_heads: int) -> None:
-        self.layers[layer] = (heads, kv_heads)
+    def record_layer(self, layer: int, heads: int, kv_heads: int, tower: str = "text") -> None:
+        self.layers[layer_key(tower, layer)] = (heads, kv_heads)
+
+    def tower_layers(self, tower: str | None = None) -> dict[int, tuple[int, int]]:
+        """(heads, kv_heads) by layer number of one tower (None: the model's language tower,
+        :func:`~headmap.engine.towers.language_tower`)."""
+        tower = tower or language_tower(self.model)
+        out = {}
+        for key, shape in self.layers.items():
+            t, layer = split_layer_key(key)
+            if t == tower:
+                out[layer] = shape
+        return dict(sorted(out.items()))
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Session:

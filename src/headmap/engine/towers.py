@@ -14,6 +14,12 @@ The rule (docs/multimodal.md), from the module's class and its path in the model
 - **text**: everything else (the language model of a VLM, a decoder-only or encoder-only text model).
 
 Modules no active session owns (a bare call) are ``text``, self-attention.
+
+**The language tower** of a model (:func:`language_tower`) is the tower an edit's layer numbers refer
+to unless the edit names another (``tower=vision``): ``decoder`` in an encoder-decoder, ``vision`` in a
+vision encoder alone, else ``text``. A session records each layer's head counts under
+:func:`layer_key`: the layer number itself for ``text`` (so text models read as ever), ``(tower, layer)``
+for every other tower, whose layer numbers restart at 0 and coincide with the text layers'.
 """
 
 from __future__ import annotations
@@ -27,6 +33,28 @@ _CROSS_NAMES = {"encoder_attn", "encdecattention", "cross_attn", "crossattention
 _VISION_NAMES = {"vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder", "vision"}
 
 _BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layer_key(tower: str, layer: int) -> int | tuple[str, int]:
+    """The key of (tower, layer) in a session's ``layers``: the layer for ``text``, else ``(tower, layer)``."""
+    return int(layer) if tower == "text" else (tower, int(layer))
+
+
+def split_layer_key(key: int | tuple[str, int]) -> tuple[str, int]:
+    """(tower, layer) of a key made by :func:`layer_key`."""
+    return ("text", int(key)) if not isinstance(key, tuple) else (str(key[0]), int(key[1]))
+
+
+def language_tower(model: nn.Module | None) -> str:
+    """The tower an edit's layers refer to by default: ``decoder`` (encoder-decoder), ``vision`` (a vision
+    encoder alone, ``main_input_name == "pixel_values"``), else ``text`` (a VLM's language model, a text model)."""
+    if model is None:
+        return "text"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "decoder"
+    if getattr(model, "main_input_name", None) == "pixel_values":
+        return "vision"
+    return "text"
 
 
 def _describe(model: nn.Module, path: str, module: nn.Module) -> tuple[str, bool]:
@@ -46,6 +74,21 @@ def _describe(model: nn.Module, path: str, module: nn.Module) -> tuple[str, bool
             if p in ("encoder", "decoder"):
                 return p, False
     return "text", False
+
+
+def _is_attention(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__.endswith("Attention") and cls.__module__.startswith("transformers.models.")
+
+
+def model_towers(model: nn.Module) -> set[str]:
+    """The towers of ``model``'s attention modules (transformers classes named ``...Attention`` that hold no
+    other such module), by the rule above; empty when it has none that headmap can name."""
+    found = set()
+    for sub in model.modules():
+        if _is_attention(sub) and not any(_is_attention(c) for c in sub.modules() if c is not sub):
+            found.add(tower_of(sub, model)[0])
+    return found
 
 
 def tower_of(module: nn.Module, model: nn.Module | None) -> tuple[str, bool]:

@@ -12,8 +12,9 @@ Spearman's rho is Pearson's correlation of the ranks (ties get their mean rank) 
 and of their argmax source positions: 1 for an alignment that moves forward along the source (speech or
 translation read in order), near 0 for none. An input with fewer than two rows, or whose argmax never
 moves, has no monotonicity value. Decoder rows are real when the decoder's own self-attention marks
-them real (its padding mask), read from the ``decoder`` blocks of the same forward call. See
-docs/methods/cross_alignment.md.
+them real (its padding mask), read from the ``decoder`` blocks of the same forward call. Its rows in
+heads.parquet say ``tower = cross`` (the layer numbers are those of the cross-attention layers, which
+restart at 0 beside the encoder's and the decoder's). See docs/methods/cross_alignment.md.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class CrossAlignmentProbe(Probe):
 
     name = "cross_alignment"
     needs = Needs(default=False)
+    #: reads the ``cross`` tower only, on purpose (its sums are keyed by cross-attention layer)
+    tower_aware = True
+    #: the tower of its rows
+    tower = "cross"
 
     _decoder_valid: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     # per layer: entropy sums [B, H] and row counts [B]; argmax rows: (q_pos, argmax [B, H, bq], rows [B, bq])
@@ -139,6 +144,7 @@ class CrossAlignmentProbe(Probe):
                         dict(
                             probe=self.name,
                             metric=metric,
+                            tower=self.tower,
                             layer=int(layer),
                             head=head,
                             kv_head=head // group,

@@ -17,11 +17,16 @@ paper scores the tokens it generates; here every text query of the prompt counts
 docs/methods/vision_aware.md.
 
 The probe drives its own pair of forwards: :meth:`VisionAwareProbe.measure` ``(model, inputs)`` with
-the processor's inputs (``input_ids``, ``pixel_values``, ...).
+the processor's inputs (``input_ids``, ``pixel_values``, ...), and inside ``headmap scan`` (an image
+corpus such as ``--corpus shapes``) :meth:`VisionAwareProbe.run` makes those inputs from each batch
+(the scan's padded ids and mask, the processor's image tensors, positions counted from each input's
+first real token as for every other probe) and measures them under the scan's own session. Its rows
+say ``tower = text``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +40,7 @@ from ..engine import observe, registry
 from ..engine.block import Block, QKView
 from ..engine.towers import tower_of
 from ..errors import ProbeError
+from ..models import logits_to_keep, position_ids
 from .base import Needs, Probe
 from .head import HeadStats
 from .modality_mass import image_token_id
@@ -68,7 +74,9 @@ class VisionAwareProbe(Probe):
     image_token_id: int | None = None
 
     name = "vision_aware"
-    needs = Needs(qk=True, drives_model=True, default=False)
+    needs = Needs(corpus="images", default_corpus="shapes", qk=True, drives_model=True, default=False)
+    #: reads the ``text`` tower only, on purpose (the vision tower's calls are left out in update_qk)
+    tower_aware = True
 
     _views: list = field(default_factory=list, init=False, repr=False)
     _with_image: dict = field(default_factory=dict, init=False, repr=False)
@@ -85,10 +93,23 @@ class VisionAwareProbe(Probe):
         return None
 
     def run(self, model: Any, batch: Any, session: Any) -> None:
-        raise ProbeError(
-            "vision_aware runs two forwards per input (with the image and with it blanked) and the scan does not "
-            "prepare images yet; call VisionAwareProbe().measure(model, processor_inputs)"
-        )
+        """The scan's call (``needs.drives_model``): :meth:`measure` on the batch's inputs, under ``session``."""
+        if batch is None or getattr(batch, "input_ids", None) is None or not getattr(batch, "inputs", None):
+            raise ProbeError(
+                "vision_aware runs two forwards per input (with the image and with it blanked) and needs a batch of "
+                "image inputs prepared by the model's processor (--corpus shapes, or a JSONL corpus with images); "
+                "outside a scan call VisionAwareProbe().measure(model, processor_inputs)"
+            )
+        inputs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        params = inspect.signature(model.forward).parameters
+        takes_positions = "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        # as the scan's own forward: positions from each input's first real token (left padding), unless the
+        # model computes multimodal positions itself (Qwen2-VL: image_grid_thw)
+        if batch.left_pad and takes_positions and "image_grid_thw" not in batch.inputs:
+            inputs["position_ids"] = position_ids(batch.attention_mask)
+        inputs.update(logits_to_keep(model))  # the probe reads attention outputs, not the logits
+        inputs.update(batch.inputs)
+        self.measure(model, inputs)
 
     # -- the two forwards --------------------------------------------------------------------
     def measure(self, model: nn.Module, inputs: Mapping[str, Any]) -> np.ndarray:
@@ -112,11 +133,18 @@ class VisionAwareProbe(Probe):
                 f"vision_aware: an input has no image token (id {self.image_token_id}); every input needs an image"
             )
         blank = blank_inputs(inputs)
+        # inside a session that already holds this probe on this model (a scan), run under it: a second
+        # session would hand the probe every attention call twice
+        held = any(self in s.probes and s.model is model for s in registry.active())
         outs = []
         for feed in (inputs, blank):
             self._views = []
-            with torch.no_grad(), observe(model, probes=[self]):
-                model(**feed)
+            with torch.no_grad():
+                if held:
+                    model(**feed)
+                else:
+                    with observe(model, probes=[self]):
+                        model(**feed)
             outs.append({layer: (out, rows) for layer, out, rows in self._collect(image)})
             self._views = []
         scores = []
@@ -210,6 +238,7 @@ class VisionAwareProbe(Probe):
                     {
                         "probe": self.name,
                         "metric": self.name,
+                        "tower": "text",
                         "layer": int(layer),
                         "head": head,
                         "kv_head": head // group,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..engine.towers import language_tower, split_layer_key
 from ..models import LoadedModel, device_text, input_device
 from .plan import Plan
 from .resume import Run
@@ -34,11 +35,30 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return out
 
 
+def tower_shapes(layers: dict) -> dict[str, list[tuple[int, tuple[int, int]]]]:
+    """A session's ``layers`` (keyed by :func:`~headmap.engine.towers.layer_key`) as (layer, shape) per tower."""
+    out: dict[str, list[tuple[int, tuple[int, int]]]] = {}
+    for key, shape in layers.items():
+        tower, layer = split_layer_key(key)
+        out.setdefault(tower, []).append((layer, shape))
+    return {t: sorted(v) for t, v in sorted(out.items())}
+
+
 def describe(loaded: LoadedModel, plan: Plan, run: Run, options: dict[str, Any]) -> dict[str, Any]:
-    """The meta dict of a finished scan."""
+    """The meta dict of a finished scan.
+
+    ``architecture`` gives the layers and heads of the model's language tower (a text model: all of it; a
+    VLM: its language model; an encoder-decoder: its decoder); a run that saw other towers adds ``towers``,
+    the same counts per tower.
+    """
     model = loaded.model
     first = next(model.parameters())
-    layer_shapes = sorted(run.layers.items())
+    by_tower = tower_shapes(run.layers)
+    main = language_tower(model)
+    if main not in by_tower and by_tower:
+        main = next(iter(by_tower))
+    layer_shapes = by_tower.get(main, [])
+    towers = {t: {"layers": len(v), "heads": v[0][1][0], "kv_heads": v[0][1][1]} for t, v in by_tower.items() if v}
     return {
         "model": loaded.model_id,
         "model_path": loaded.path,
@@ -52,6 +72,7 @@ def describe(loaded: LoadedModel, plan: Plan, run: Run, options: dict[str, Any])
             "heads": layer_shapes[0][1][0] if layer_shapes else None,
             "kv_heads": layer_shapes[0][1][1] if layer_shapes else None,
             "max_positions": loaded.max_length,
+            **({"towers": towers} if set(towers) - {"text"} else {}),
         },
         "dtype": str(first.dtype).removeprefix("torch."),
         "device": device_text(model),

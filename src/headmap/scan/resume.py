@@ -17,12 +17,30 @@ from typing import Any
 
 from .. import rundir
 from ..atlas import Atlas
+from ..engine.towers import split_layer_key
 from ..errors import HeadmapError, OptionError, OutputError, ScanInterrupted
 from ..probes import Probe, supports_state
 from ..rundir import CHECKPOINT_DIR
 from . import checkpoint
 from .loop import Terminated
 from .plan import Plan
+
+
+def layer_name(key: int | tuple[str, int]) -> str:
+    """A layer key of ``Run.layers`` in a checkpoint: ``"3"`` (text tower, as ever) or ``"vision:3"``."""
+    tower, layer = split_layer_key(key)
+    return str(layer) if tower == "text" else f"{tower}:{layer}"
+
+
+def layer_of(name: str) -> int | tuple[str, int]:
+    """The key of ``Run.layers`` that :func:`layer_name` wrote."""
+    tower, sep, layer = str(name).rpartition(":")
+    return (tower, int(layer)) if sep else int(layer)
+
+
+def _layer_order(item: tuple) -> tuple:
+    tower, layer = split_layer_key(item[0])
+    return (tower != "text", tower, layer)
 
 
 @dataclass
@@ -39,7 +57,8 @@ class Run:
     wall_before: float = 0.0  # wall time of the runs before the resume point
     forward_time: float = 0.0
     resumed_from: list[int] = field(default_factory=list)
-    layers: dict[int, tuple[int, int]] = field(default_factory=dict)  # layer: (heads, kv_heads), from the engine
+    #: (heads, kv_heads) by layer, from the engine: the layer number for the text tower, (tower, layer) for others
+    layers: dict[int | tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     #: (inputs done, probe states) at the last batch boundary, assigned in one step once both are
     #: complete: an interrupt anywhere (mid-forward, mid-commit) leaves it whole.
     last: tuple[int, list | None] = (0, None)
@@ -69,7 +88,7 @@ class Run:
             fingerprint=self.fingerprint,
             states=point[1],
             extra={
-                "layers": {str(k): list(v) for k, v in sorted(self.layers.items())},
+                "layers": {layer_name(k): list(v) for k, v in sorted(self.layers.items(), key=_layer_order)},
                 "wall_time_s": self.wall_time(),
                 "forward_time_s": round(self.forward_time, 3),
                 "resumed_from": self.resumed_from,
@@ -142,7 +161,7 @@ def start(run: Run, plan: Plan, resume: bool, overwrite: bool) -> Atlas | None:
     run.resumed_from = [int(x) for x in prior.get("resumed_from", [])] + ([done] if prior else [])
     run.wall_before = float(prior.get("wall_time_s", 0.0))
     run.forward_time = float(prior.get("forward_time_s", 0.0))
-    run.layers.update({int(k): (int(v[0]), int(v[1])) for k, v in prior.get("layers", {}).items()})
+    run.layers.update({layer_of(k): (int(v[0]), int(v[1])) for k, v in prior.get("layers", {}).items()})
     return None
 
 
