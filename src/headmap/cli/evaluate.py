@@ -130,6 +130,13 @@ def eval_command(
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
     offload_folder: OffloadFolder = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="go on from a stopped eval in --out: the conditions it finished (base, edited, each control) are "
+            "read back, the others scored (the same command otherwise; a difference is refused, naming it)"
+        ),
+    ] = False,
 ) -> None:
     """Accuracy on TASK without and with the --edit edits: each, their paired difference and 95% intervals.
 
@@ -138,6 +145,9 @@ def eval_command(
     reproduce the needle's number. Both runs use the headmap engine, so the edits are the only difference.
     Independent items: exact binomial intervals and the exact McNemar test; items in clusters (a shared needle
     or haystack): a cluster bootstrap and a sign test over clusters. Controls are ranked against the edit.
+
+    With --out, each finished condition is kept in --out as it is done, so a stopped eval (one process or any
+    rank of ``torchrun --nproc-per-node N -m headmap eval ...``) goes on with --resume.
     """
     from ..evaluation import run_eval
 
@@ -160,6 +170,7 @@ def eval_command(
         allow_overlap=allow_overlap,
         power_effect=power_effect,
         progress=lambda line: err.print(line, highlight=False, markup=False),
+        resume=resume,
         **placement(device_map, max_memory, offload_folder),
     )
     if not run.lead:  # a data-parallel eval (torchrun): rank 0 prints and writes

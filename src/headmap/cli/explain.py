@@ -41,6 +41,14 @@ def explain(
     max_length: Annotated[int | None, typer.Option(help="tokens per input, longer ones cut")] = None,
     batch_size: Annotated[int, typer.Option(help="inputs per forward pass")] = 1,
     overwrite: Annotated[bool, typer.Option(help="replace an explanation already in --out")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="go on from a stopped run in --out: its finished batches are kept, the others computed "
+            "(the same command otherwise; a difference is refused, naming it)"
+        ),
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="explain the first N inputs only")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random-order control")] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar over the inputs")] = True,
     device_map: DeviceMap = None,
@@ -53,6 +61,9 @@ def explain(
     See docs/explain.md. Bad input (a target word that is several tokens, a class the model does not have,
     class: without a classification head, an empty text, a method that does not apply) gets one line and
     exit code 2 before anything is written.
+
+    Each finished batch is kept in --out as it is done, so a stopped run goes on with --resume; under
+    ``torchrun --nproc-per-node N -m headmap explain ...`` the ranks share the batches and rank 0 writes.
     """
     from ..explain.folder import run_explain
 
@@ -93,6 +104,8 @@ def explain(
             out=out,
             overwrite=overwrite,
             seed=seed,
+            resume=resume,
+            limit=limit,
             progress=step,
             on_layer=on_layer,
             **placement(device_map, max_memory, offload_folder),
@@ -100,6 +113,11 @@ def explain(
     finally:
         if bar is not None:
             bar.stop()
+    if not result.lead:  # a data-parallel explain (torchrun): rank 0 prints and writes
+        return
+    if result.meta.get("nothing_to_resume"):
+        console.print(f"nothing to resume: {out} holds the finished explanation of this same run", highlight=False)
+        return
     faith = result.faithfulness
     table = Table(title=f"faithfulness: {result.meta['target']}", title_justify="left")
     for col in ("method", "comprehensiveness", "sufficiency", "p above random"):
@@ -116,6 +134,8 @@ def explain(
         table.add_row(method, cell("comprehensiveness"), cell("sufficiency"), cell("p_above_random"))
     console.print(f"[bold]{result.meta['model']}[/]: {result.meta['inputs']} inputs, {result.meta['wall_time_s']} s")
     console.print(table)
+    if result.meta.get("resumed_batches"):
+        console.print(f"resumed: {result.meta['resumed_batches']} of {result.meta['batches']} batches were done")
     console.print(f"wrote {out}/:")
     for path in result.written:
         console.print(f"  {path.name:<22} {path.stat().st_size:>10,} bytes")

@@ -4,6 +4,7 @@ the scoring, and the files written to ``--out``. The command line only parses an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .. import stats
@@ -23,7 +25,7 @@ from . import heldout
 from .controls import DEFAULT_CONTROLS, MATCHES, RandomControls, draw_controls, random_head_controls
 from .editing import build_edits, prepare_edits
 from .needle import greedy_answers, load_needles, needle_accuracy, needle_spec
-from .scoring import DEFAULT_BATCH_SIZE, DEFAULT_BOOTSTRAP, EvalResult, evaluate, predict
+from .scoring import DEFAULT_BATCH_SIZE, DEFAULT_BOOTSTRAP, Comparison, EvalResult, Predictions, evaluate, predict
 from .tasks import UNITS, Task, is_ruler, load_task, parse_ruler_spec, ruler_task
 from .tuning import TuneResult, parse_grid, tune
 
@@ -85,9 +87,15 @@ class EvalRun:
     edited: bool  # whether any --edit was given
     checks: list = field(default_factory=list)  # held-out checks against the atlas's corpus
     lead: bool = True  # False on ranks other than 0 of a data-parallel run: they write nothing
+    checkpoint: Path | None = None  # the finished conditions kept while it ran (removed once written)
 
     def write(self, out: Path) -> list[Path]:
-        return write_results(out, self.items, self.summary) if self.lead else []
+        if not self.lead:
+            return []
+        written = write_results(out, self.items, self.summary)
+        if self.checkpoint is not None and Path(out).resolve() == self.checkpoint.parent.resolve():
+            remove_checkpoint(self.checkpoint)
+        return written
 
 
 def run_eval(
@@ -112,6 +120,7 @@ def run_eval(
     device_map: str | dict[str, Any] | None = None,
     max_memory: str | dict[Any, Any] | None = None,
     offload_folder: str | Path | None = None,
+    resume: bool = False,
 ) -> EvalRun:
     """``headmap eval``: accuracy on ``task`` without and with ``edits`` (specs), and ``random_heads``
     random-head controls (default: 20 when the edits name heads, drawn from the same layers; 0 otherwise).
@@ -130,14 +139,20 @@ def run_eval(
     check that they run the same evaluation (:func:`fingerprint`), each scores its share of the batches,
     every rank gathers every item's outcome, and only rank 0 writes (:attr:`EvalRun.lead`); the per-item
     outcomes equal a single process's bit for bit (every batch is the one a single process runs).
-    ``progress`` receives one line as each condition (base, edited, every control) is done."""
+    ``progress`` receives one line as each condition (base, edited, every control) is done.
+
+    With ``out``, every finished condition (the unedited predictions, the edited run, each control) is kept
+    in ``<out>/.headmap-eval/`` as soon as it is done (by rank 0 under torchrun), after a fingerprint of the
+    run; ``resume=True`` (``--resume``) reads those back instead of scoring them again, after any rank or
+    the one process stopped, and refuses a different run naming the field. :meth:`EvalRun.write` removes
+    the folder once the results are written."""
     ranks = Ranks.start(device)
     try:
         return _run_eval(
             ranks, model, task, edits, atlas, out, limit, random_heads, batch_size, max_length, bootstrap, seed,
             dtype, ranks.device(device) if ranks else device, units, control_heads, allow_overlap, power_effect,
             {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder},
-            progress if progress is not None and (ranks is None or ranks.leader) else (lambda _msg: None),
+            progress if progress is not None and (ranks is None or ranks.leader) else (lambda _msg: None), resume,
         )  # fmt: skip
     finally:
         if ranks is not None:
@@ -165,8 +180,11 @@ def _run_eval(
     power_effect: float | None,
     placement: dict[str, Any],
     say: Callable[[str], None],
+    resume: bool = False,
 ) -> EvalRun:
     specs = list(edits or [])
+    if resume and out is None:
+        raise OptionError("--resume needs --out, the folder that holds the stopped evaluation")
     if random_heads is not None and random_heads < 0:
         raise OptionError(f"--random-heads must be 0 or more (got {random_heads})")
     if random_heads and not specs:
@@ -179,6 +197,7 @@ def _run_eval(
         stats.paired_sample_size(power_effect)  # an effect of 0 (or not a number) fails here
     check_counts(batch_size, bootstrap, limit)
     check_out(out)
+    check_checkpoint(out, resume)
     needle = is_needle(task)
     ruler = is_ruler(task)
     task_obj: Task | None = None
@@ -218,10 +237,14 @@ def _run_eval(
             raise TaskError("the needle inputs have no cluster ids (field 'cluster'); use --units items")
         started = time.perf_counter()
         inputs = [[list(s.ids), list(s.info["answer_ids"]), s.info.get("cluster")] for s in needles.samples]
-        agree(ranks, "eval", lm, inputs, specs, edit_objs, draws, dtype, options)
-        with sharing(ranks):
-            base = greedy_answers(lm.model, needles.samples, pad_id(lm.tokenizer), (), batch)
-        say(f"base: {len(needles)} needle inputs, {time.perf_counter() - started:.1f} s")
+        keep = start_checkpoint(ranks, out, resume, lm, inputs, specs, edit_objs, draws, dtype, options)
+
+        def answers() -> list[list[int]]:
+            with sharing(ranks):
+                return greedy_answers(lm.model, needles.samples, pad_id(lm.tokenizer), (), batch)
+
+        base = keep.base(answers, lambda b: b, lambda d: [[int(t) for t in row] for row in d])
+        say(f"base: {len(needles)} needle inputs, {time.perf_counter() - started:.1f} s{keep.note('base')}")
 
         def score_one(edits: list) -> EvalResult:
             return needle_accuracy(
@@ -238,10 +261,14 @@ def _run_eval(
                 checks.append(heldout.check(atlas_side, side, allow_overlap))
         assert task_obj is not None
         started = time.perf_counter()
-        agree(ranks, "eval", lm, _item_rows(task_obj), specs, edit_objs, draws, dtype, options)
-        with sharing(ranks):
-            base_pred = predict(lm.model, lm.tokenizer, task_obj, (), batch_size, max_length)
-        say(f"base: {len(task_obj)} items, {time.perf_counter() - started:.1f} s")
+        keep = start_checkpoint(ranks, out, resume, lm, _item_rows(task_obj), specs, edit_objs, draws, dtype, options)
+
+        def predictions() -> Predictions:
+            with sharing(ranks):
+                return predict(lm.model, lm.tokenizer, task_obj, (), batch_size, max_length)
+
+        base_pred = keep.base(predictions, _predictions_json, _predictions_from)
+        say(f"base: {len(task_obj)} items, {time.perf_counter() - started:.1f} s{keep.note('base')}")
 
         def score_one(edits: list) -> EvalResult:
             return evaluate(
@@ -263,12 +290,12 @@ def _run_eval(
 
     def score(edits: list) -> EvalResult:
         started = time.perf_counter()
-        out = score_one(edits)
+        out = keep.condition(done[0], lambda: score_one(edits))
         done[0] += 1
         name = "edited" if done[0] == 1 else f"control {done[0] - 1}/{len(draws)}"
         say(
             f"condition {done[0]}/{conditions} ({name}): accuracy {out.acc.accuracy_edit:.3f}, "
-            f"{time.perf_counter() - started:.1f} s"
+            f"{time.perf_counter() - started:.1f} s{keep.note(done[0] - 1)}"
         )
         return out
 
@@ -290,7 +317,9 @@ def _run_eval(
         items = controls.items
         summary.update(controls.summary())
     lead = ranks is None or ranks.leader
-    return EvalRun(lm.model_id, result, needle, what, items, summary, controls, bool(specs), checks, lead)
+    run = EvalRun(lm.model_id, result, needle, what, items, summary, controls, bool(specs), checks, lead)
+    run.checkpoint = keep.folder
+    return run
 
 
 def power_summary(result: EvalResult, effect: float) -> dict[str, Any]:
@@ -526,3 +555,201 @@ def agree(
     if ranks is None:
         return
     ranks.agree_on(fingerprint(lm, inputs, specs, edits, draws, dtype, options), what)
+
+
+# -- resuming a stopped eval --------------------------------------------------------------------------------
+
+#: The finished conditions of an eval in progress, inside its --out folder.
+CHECKPOINT = ".headmap-eval"
+FINGERPRINT = "fingerprint.json"
+
+
+def check_checkpoint(out: Path | None, resume: bool) -> None:
+    """Refuse an --out holding a stopped eval unless ``resume`` (before the model loads)."""
+    if out is None or resume:
+        return
+    folder = Path(out) / CHECKPOINT
+    if (folder / FINGERPRINT).is_file():
+        done = len(list(folder.glob("condition-*.json"))) + (folder / "base.json").is_file()
+        raise OutputError(
+            f"--out {out} holds a stopped evaluation ({CHECKPOINT}, {done} condition(s) done); pass --resume to "
+            f"continue it, or choose another folder (or remove {folder} to start over)"
+        )
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete the files eval wrote into its checkpoint folder (temporaries too), then the folder if empty."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for path in folder.iterdir():
+        name = path.name.lstrip(".")
+        ours = name.startswith(("condition-", "base.json", FINGERPRINT))
+        if ours and path.is_file() and not path.is_symlink():
+            path.unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # it holds files eval did not write: leave them
+
+
+def _predictions_json(p: Predictions) -> dict[str, Any]:
+    return {"pred": p.pred.tolist(), "pred_norm": p.pred_norm.tolist(), "logprobs": p.logprobs,
+            "p_answer": p.p_answer.tolist()}  # fmt: skip
+
+
+def _predictions_from(d: dict[str, Any]) -> Predictions:
+    return Predictions(
+        np.array(d["pred"], dtype=np.int64),
+        np.array(d["pred_norm"], dtype=np.int64),
+        [[float(x) for x in lp] for lp in d["logprobs"]],
+        np.array(d["p_answer"], dtype=np.float64),
+    )
+
+
+def _comparison(d: dict[str, Any] | None) -> Comparison | None:
+    if d is None:
+        return None
+    pairs = ("ci_base", "ci_edit", "ci_difference")
+    return Comparison(**{k: tuple(v) if k in pairs else v for k, v in d.items()})
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python numbers, for JSON."""
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+@dataclass
+class Keeper:
+    """The finished conditions of this eval: read back on --resume (rank 0's, handed to every rank), and
+    written by rank 0 as each is done (``folder`` None: no --out, nothing kept)."""
+
+    folder: Path | None
+    lead: bool
+    stored: dict[str, Any] = field(default_factory=dict)  # "base" and condition numbers read back
+    resumed: list[str] = field(default_factory=list)
+
+    def note(self, key: Any) -> str:
+        return ", from the checkpoint" if str(key) in self.resumed else ""
+
+    def _write(self, name: str, write: Callable[[Path], Any]) -> None:
+        if self.folder is None or not self.lead:
+            return
+        try:
+            write(self.folder / name)
+        except OSError as exc:
+            from ..rundir import os_error_text
+
+            raise OutputError(
+                f"{os_error_text(exc, f'writing the checkpoint into {self.folder}')}; the conditions written so far "
+                "are kept: fix that and run again with --resume"
+            ) from None
+
+    def base(self, compute: Callable[[], Any], dump: Callable[[Any], Any], load: Callable[[Any], Any]) -> Any:
+        if "base" in self.stored:
+            self.resumed.append("base")
+            return load(self.stored["base"])
+        value = compute()
+        self._write("base.json", lambda path: write_text(path, json.dumps(dump(value), default=_plain) + "\n"))
+        return value
+
+    def condition(self, k: int, compute: Callable[[], EvalResult]) -> EvalResult:
+        if k in self.stored:
+            self.resumed.append(str(k))
+            return self.stored[k]
+        result = compute()
+        record = {
+            "task": result.task, "kind": result.kind, "acc": dataclasses.asdict(result.acc),
+            "acc_norm": dataclasses.asdict(result.acc_norm) if result.acc_norm is not None else None,
+            "edits": result.edits, "extra": result.extra,
+        }  # fmt: skip
+        name = f"condition-{k:04d}"
+        self._write(f"{name}.parquet", lambda path: write_file(path, lambda fh: result.items.to_parquet(fh)))
+        self._write(f"{name}.json", lambda path: write_text(path, json.dumps(record, default=_plain) + "\n"))
+        return result
+
+
+def _read_checkpoint(folder: Path) -> dict[str, Any]:
+    """The conditions kept in ``folder``: "base" (as written) and condition numbers (EvalResults)."""
+    stored: dict[str, Any] = {}
+    try:
+        if (folder / "base.json").is_file():
+            stored["base"] = json.loads((folder / "base.json").read_text(encoding="utf-8"))
+        for path in sorted(folder.glob("condition-*.json")):
+            k = int(path.stem.removeprefix("condition-"))
+            d = json.loads(path.read_text(encoding="utf-8"))
+            items = pd.read_parquet(path.with_suffix(".parquet"))
+            stored[k] = EvalResult(
+                d["task"], d["kind"], _comparison(d["acc"]), items, _comparison(d["acc_norm"]), d["edits"], d["extra"]
+            )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutputError(f"the checkpoint in {folder} is damaged ({exc}); remove {folder} to start over") from None
+    return stored
+
+
+def start_checkpoint(
+    ranks: Ranks | None,
+    out: Path | None,
+    resume: bool,
+    lm: Any,
+    inputs: Any,
+    specs: list[str],
+    edits: list,
+    draws: list,
+    dtype: str,
+    options: dict[str, Any],
+) -> Keeper:
+    """Check that the ranks run the same eval (under torchrun), then set up the checkpoint of finished
+    conditions: on ``resume``, compare the stored fingerprint (one line naming every field that differs)
+    and read the conditions back; else start an empty one. Before any scoring."""
+    fp = fingerprint(lm, inputs, specs, edits, draws, dtype, options)
+    if ranks is not None:
+        ranks.agree_on({**fp, "--out": str(Path(out).resolve()) if out else None, "--resume": resume}, "eval")
+    lead = ranks is None or ranks.leader
+    if out is None:
+        return Keeper(None, lead)
+    from ..explain.folder import weights_digest
+
+    fp = {**fp, "weights": weights_digest(lm.model)[:16]}  # the values too, not only the shapes
+    folder = Path(out) / CHECKPOINT
+
+    def begin() -> dict[str, Any]:
+        if not lead:
+            return {}
+        stored: dict[str, Any] = {}
+        if resume and (folder / FINGERPRINT).is_file():
+            try:
+                old = json.loads((folder / FINGERPRINT).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise OutputError(f"{folder / FINGERPRINT} is damaged ({exc}); remove {folder} to start over") from None
+            new = json.loads(json.dumps(fp, default=str))
+            diffs = [
+                f"{key} differs (the checkpoint has {_brief(old.get(key))}, this run {_brief(new[key])})"
+                for key in new
+                if old.get(key) != new[key]
+            ]
+            if diffs:
+                raise OutputError(
+                    f"cannot resume the evaluation in {out}: {'; '.join(diffs)}; its finished conditions are kept: "
+                    f"rerun the command that started it with --resume, or remove {folder} to start over"
+                )
+            stored = _read_checkpoint(folder)
+        else:
+            try:
+                remove_checkpoint(folder)
+                folder.mkdir(parents=True, exist_ok=True)
+                write_text(folder / FINGERPRINT, json.dumps(fp, indent=2, default=str) + "\n")
+            except OSError as exc:
+                from ..rundir import os_error_text
+
+                raise OutputError(os_error_text(exc, f"writing the checkpoint into {folder}")) from None
+        return stored
+
+    stored = begin() if ranks is None else ranks.together(begin)
+    if ranks is not None:
+        stored = ranks.gather(stored if lead else None)[0]  # rank 0's view, on every rank
+    return Keeper(folder, lead, stored)
+
+
+def _brief(value: Any, limit: int = 100) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
