@@ -291,7 +291,7 @@ def run_batches(
     training = model.training
     model.eval()  # dropout off while explaining; the mode the model had is put back
     try:
-        return split_work(list(range(len(work.starts))), compute)
+        return split_work(list(range(len(work.starts))), compute, unit="batch")
     finally:
         model.train(training)
 
