@@ -222,6 +222,7 @@ def _key_range(allowed: torch.Tensor) -> tuple[int, int] | None:
     return int(idx[0]), int(idx[-1]) + 1
 
 
+@torch.compiler.disable
 def headmap_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -236,6 +237,10 @@ def headmap_attention_forward(
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """Exact attention; signature of transformers' ``AttentionInterface`` functions.
+
+    Under ``torch.compile`` this function runs eagerly (``torch.compiler.disable``; the rest of the model
+    compiles around it): inductor's compiled blocks handed the probes wrong values (a sink value off by
+    0.13 on the tiny test Llama, logits still equal) and bought no time here (docs/engine.md).
 
     query [B, H, Tq, D]; key and value [B, Hkv, Tk, D]; returns ([B, Tq, H, Dv], None).
     ``softcap`` (Gemma 2) caps the logits with tanh; ``s_aux`` (gpt-oss) is one learned sink

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
+import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -217,8 +218,12 @@ class Session:
         if self._previous is not None and self._previous != IMPLEMENTATION and not still_used:
             self.model.set_attn_implementation(self._previous)
 
+    @torch.compiler.disable
     def commit(self) -> None:
-        """Close the current inputs: every probe folds its pending sums into its totals."""
+        """Close the current inputs: every probe folds its pending sums into its totals.
+
+        Runs eagerly under ``torch.compile`` (the forward hook that calls it is inside the compiled
+        model): traced by dynamo, the probes' numpy sums came out wrong (docs/engine.md)."""
         for probe in self.probes:
             probe.commit()
 
