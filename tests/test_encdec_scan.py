@@ -27,8 +27,7 @@ from headmap import cli
 from headmap.corpus import load_corpus, pad_batch
 from headmap.corpus.audio import read_wav, resample, tones_items, write_wav
 from headmap.corpus.pairs import collate_seq2seq, prepare_seq2seq, teacher_forced
-from headmap.probes import make_probes
-from headmap.scan.seq2seq import default_probes
+from headmap.probes import encoder_decoder_probe_names, make_probes
 
 PAIRS = [
     {"source": "translate : the cat sat on the mat .", "target": "le chat est assis sur le tapis ."},
@@ -132,8 +131,8 @@ def test_pairs_scan_has_every_tower_and_equals_the_probes_called_directly(
     meta = json.loads((out / "meta.json").read_text())
     assert meta["architecture"]["causal"] is False and meta["corpus"]["seq2seq"] == "pairs"
     assert set(meta["architecture"]["towers"]) == {"encoder", "decoder", "cross"}
-    assert sorted(set(heads.probe)) == sorted(default_probes()), meta["skipped_probes"]
-    assert_rows_equal(heads, direct_rows(folders[name], str(pairs_file), default_probes(), 2, None))
+    assert sorted(set(heads.probe)) == sorted(encoder_decoder_probe_names()), meta["skipped_probes"]
+    assert_rows_equal(heads, direct_rows(folders[name], str(pairs_file), encoder_decoder_probe_names(), 2, None))
 
 
 def test_whisper_tones_scan_and_report_maps(folders, monkeypatch, capsys, tmp_path):

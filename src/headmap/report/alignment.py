@@ -103,7 +103,7 @@ def first_input(meta: dict[str, Any]) -> tuple[Any, Any, str | None]:
     """(loaded model, first prepared input, None) of a run, or (None, None, why not)."""
     from ..scan.check import load
     from ..scan.plan import corpus_maker
-    from ..scan.seq2seq import default_corpus
+    from ..scan.seq2seq import audio_corpus
 
     source = meta.get("model_source")
     where = meta.get("model_path") if source in ("folder", "builtin") else meta.get("model")
@@ -113,7 +113,7 @@ def first_input(meta: dict[str, Any]) -> tuple[Any, Any, str | None]:
         loaded = load(str(where), None, str(meta.get("dtype") or "float32"), "cpu", progress=False)
     except Exception as exc:  # noqa: BLE001  (the maps are a nicety: any failure to load is reported)
         return None, None, f"the run's model {where} cannot be loaded again here ({type(exc).__name__})"
-    spec = corpus_spec(meta.get("corpus") or {}) or default_corpus(loaded)
+    spec = corpus_spec(meta.get("corpus") or {}) or audio_corpus(loaded)
     if spec is None:
         return None, None, "the run's corpus cannot be rebuilt from its description"
     options = meta.get("options") or {}

@@ -31,7 +31,7 @@ from ..engine import CONFIG as ENGINE_CONFIG
 from ..engine.attention import device_budget
 from ..errors import OptionError
 from ..models import input_device, model_shape
-from ..probes import Probe, default_probe_names, make_probes
+from ..probes import Probe, default_probe_names, encoder_decoder_probe_names, make_probes
 from ..rundir import check_output_folder
 from . import check, checkpoint, seq2seq
 from . import resume as resuming
@@ -162,14 +162,14 @@ def _scan(
             if named is not None:
                 chosen = named
             elif seq2seq.is_seq2seq(loaded):  # encoder, decoder and cross towers: the tower-aware defaults
-                chosen = make_probes(seq2seq.default_probes())
+                chosen = make_probes(encoder_decoder_probe_names())
             else:
                 chosen = make_probes(default_probe_names(loaded.is_causal))
             length = check.max_length(max_length, loaded)
             check.model_kind(chosen, loaded)
             # plan: which probe reads which corpus, in which batches, from where (a resumed scan)
             make = corpus_maker(loaded, length, limit=limit, seed=seed, strict=strict)
-            data = corpus if corpus is not None else seq2seq.default_corpus(loaded)  # Whisper: tones
+            data = corpus if corpus is not None else seq2seq.audio_corpus(loaded)  # Whisper: tones
             plan = make_plan(chosen, named is not None, data, make, batch_size)
             if ranks is not None:
                 check_mergeable(plan.probes)

@@ -8,7 +8,7 @@ read as pairs whose target is the text itself, for a text model; audio (``tones`
 (the processor given with the model, else ``AutoFeatureExtractor`` from its folder or hub id). The
 decoder is teacher-forced on the target. Inputs are padded on the right (encoder and decoder), and only
 probes that key what they keep by tower (``Probe.tower_aware``) may read them. Without ``--probes`` the
-scan runs the default probes that are tower-aware plus ``cross_alignment``.
+scan runs the encoder-decoder default set (:func:`headmap.probes.encoder_decoder_probe_names`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from ..corpus.images import has_images
 from ..corpus.pairs import has_pairs, prepare_seq2seq
 from ..errors import CorpusError
 from ..models import LoadedModel
-from ..probes import PROBES, default_probe_names
 
 
 def is_seq2seq(loaded: LoadedModel | Any) -> bool:
@@ -40,16 +39,9 @@ def left_pad(loaded: LoadedModel) -> bool:
     return loaded.is_causal and not is_seq2seq(loaded)
 
 
-def default_corpus(loaded: LoadedModel) -> str | None:
+def audio_corpus(loaded: LoadedModel) -> str | None:
     """The corpus a scan reads when none is named: ``tones`` for a model that reads audio, else None."""
     return "tones" if is_seq2seq(loaded) and reads_audio(loaded) else None
-
-
-def default_probes() -> list[str]:
-    """The default set of an encoder-decoder: the tower-aware default probes (encoder-decoders get no causal-only
-    probe) and ``cross_alignment``."""
-    names = [n for n in default_probe_names(False) if PROBES[n].tower_aware and PROBES[n].needs.corpus is None]
-    return [*names, "cross_alignment"] if "cross_alignment" not in names else names
 
 
 def _model_name(loaded: LoadedModel) -> str:
@@ -113,7 +105,7 @@ def prepare(data: Corpus, loaded: LoadedModel, max_length: int, strict: bool = F
 
 def is_prepared(data: Any) -> bool:
     """Whether the inputs were prepared for an encoder-decoder (the first sample has ``decoder_ids``)."""
-    items = getattr(data, "samples", data)
+    items = data.samples if isinstance(data, Corpus) else data
     try:
         first = items[0]
     except (IndexError, TypeError):
