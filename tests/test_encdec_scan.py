@@ -286,3 +286,34 @@ def test_bad_input_is_one_line_and_exit_2(case, folders, pairs_file, monkeypatch
     )
     assert_one_line_error(code, err, *needles)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_interrupted_whisper_scan_resumes_to_the_same_rows(folders, tmp_path, monkeypatch):
+    """cross_alignment and the per-tower head sums survive a checkpoint: an interrupted scan of audio, resumed,
+    writes the rows of a scan that never stopped, bit for bit."""
+    from transformers import WhisperForConditionalGeneration
+
+    from headmap.errors import ScanInterrupted
+
+    kwargs = dict(probes="sink,cross_alignment", limit=5, batch_size=2, progress=False)
+    full = headmap.scan(str(folders["whisper"]), out=tmp_path / "full", **kwargs)
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    forward = WhisperForConditionalGeneration.forward
+
+    def stop_third(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return forward(self, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(WhisperForConditionalGeneration, "forward", stop_third)
+        with pytest.raises(ScanInterrupted) as info:
+            headmap.scan(str(folders["whisper"]), out=out, checkpoint_every_s=3600.0, **kwargs)
+    assert info.value.inputs_done == 4
+    resumed = headmap.scan(str(folders["whisper"]), out=out, resume=True, **kwargs)
+    assert resumed.meta["resumed_from"] == [4]
+    key = ["probe", "metric", "tower", "layer", "head"]
+    a, b = full.heads.sort_values(key).reset_index(drop=True), resumed.heads.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
