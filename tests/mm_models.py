@@ -508,3 +508,51 @@ def save_idefics3(folder):
     model.save_pretrained(folder)
     idefics3_processor().save_pretrained(folder)
     return folder
+
+
+# -- encoder-decoders saved like real checkpoints, for tests/test_encdec_scan.py -----------------------
+
+#: The words of the tiny seq2seq tokenizer: the ``tones`` transcripts, the frequencies, and a few pair words.
+SEQ2SEQ_WORDS = (
+    "a tone of chirp from to two tones and hertz 220 330 440 550 660 880 1100 1320 "
+    "the cat sat on mat dog ran le chat est assis sur tapis chien a couru translate : . ,"
+).split()
+
+
+def seq2seq_tokenizer():
+    """A word-level fast tokenizer for the tiny T5, BART and Whisper (``<s>`` 0, pad 1, EOS 2, unknown 3, the ids
+    of their configs), lower-casing, that ends every text with EOS; built in code."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for word in SEQ2SEQ_WORDS:
+        vocab.setdefault(word, len(vocab))
+    assert max(vocab.values()) < VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def whisper_feature_extractor():
+    """A WhisperFeatureExtractor for :func:`build_whisper`: 8 mel bins, 16 kHz, clips padded or cut to 1 s,
+    hop 500 (32 frames: the 16 encoder positions of the tiny Whisper)."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=8, sampling_rate=16000, hop_length=500, chunk_length=1, n_fft=1000)
+
+
+def save_seq2seq(name: str, folder):
+    """The tiny ``t5``, ``bart`` or ``whisper`` of this file saved with its tokenizer (and Whisper's feature
+    extractor): a folder ``headmap scan`` loads like a real checkpoint."""
+    model, _ = BY_NAME[name].build()
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(folder)
+    seq2seq_tokenizer().save_pretrained(folder)
+    if name == "whisper":
+        whisper_feature_extractor().save_pretrained(folder)
+    return folder

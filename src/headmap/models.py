@@ -415,6 +415,15 @@ def _model_class(config: Any):
         return AutoModelForImageTextToText
     if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
         return AutoModelForSequenceClassification  # its head kept: explain's class:N reads it
+    if getattr(config, "is_encoder_decoder", False):  # T5, BART, Whisper: the whole model with its LM head
+        from transformers import AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as TEXT
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES as SPEECH
+
+        if config.model_type in SPEECH:
+            return AutoModelForSpeechSeq2Seq
+        if config.model_type in TEXT:
+            return AutoModelForSeq2SeqLM
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 

@@ -33,6 +33,7 @@ from .repeats import REPEATS_INPUTS
 from .needle import MIN_HAYSTACK, NEEDLE_DEPTHS, NEEDLE_ENDINGS, needle_names
 from .items import ITEMS_INPUTS, ITEMS_K, ITEMS_TOKENS
 from .shapes import SHAPES_INPUTS, shapes_items
+from .audio import TONES_INPUTS, tones_items  # noqa: F401  (registers the tones corpus)
 
 # isort: on
 from .files import PIPE_WAIT_S, FileSamples, read_lines, read_stream, scan_text_file

@@ -297,6 +297,10 @@ def jsonl_sample(toks: Tokens, path: Path, line: int, raw: str, max_length: int,
         ) from None
     if not isinstance(obj, dict):
         raise CorpusError(f'{where}: a JSON object is needed, like {{"text": "..."}} (got {type(obj).__name__})')
+    if "source" in obj or "audio" in obj:  # encoder-decoder inputs (headmap.corpus.pairs)
+        from .pairs import jsonl_seq2seq
+
+        return jsonl_seq2seq(toks, path, line, obj), False
     if "text" not in obj:
         raise CorpusError(f'{where}: the object has no "text"')
     text = obj["text"]

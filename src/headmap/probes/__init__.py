@@ -8,7 +8,7 @@ from ..errors import ProbeError
 from ..specs import parse_options, split_top
 from .attention_maps import AttentionMapsProbe
 from .base import Needs, Probe, supports_state
-from .cross_alignment import CrossAlignmentProbe
+from .cross_alignment import CrossAlignmentProbe, encoder_decoder_probe_names
 from .duplicate_token import DuplicateTokenProbe
 from .entropy import EntropyProbe
 from .fai import FaiProbe
@@ -137,6 +137,7 @@ __all__ = [
     "VisualSinksProbe",
     "WaadProbe",
     "default_probe_names",
+    "encoder_decoder_probe_names",
     "make_probes",
     "sink_rate",
     "supports_state",

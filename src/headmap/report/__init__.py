@@ -132,6 +132,7 @@ def report_html(atlas: Atlas, compress: dict[str, Any] | None = None) -> str:
     """The report of ``atlas`` as one HTML string; ``compress`` (a checked ``compress.json``,
     :func:`headmap.report.compress.load_compress`) adds the compress section."""
     from .. import __version__
+    from .alignment import alignment_section
     from .images import images_section
     from .towers import main_view, towers_section
 
@@ -153,7 +154,7 @@ def report_html(atlas: Atlas, compress: dict[str, Any] | None = None) -> str:
         data=data,
         plotly=plotly_js,
         app=app,
-        extra=towers_section(atlas) + images_section(atlas),
+        extra=towers_section(atlas) + images_section(atlas) + alignment_section(atlas),
         compress_nav=' <a href="#compress-section">compress</a>' if compress is not None else "",
         compress=_compress_section(compress) if compress is not None else "",
     )

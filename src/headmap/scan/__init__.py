@@ -31,9 +31,9 @@ from ..engine import CONFIG as ENGINE_CONFIG
 from ..engine.attention import device_budget
 from ..errors import OptionError
 from ..models import input_device, model_shape
-from ..probes import Probe, default_probe_names, make_probes
+from ..probes import Probe, default_probe_names, encoder_decoder_probe_names, make_probes
 from ..rundir import check_output_folder
-from . import check, checkpoint
+from . import check, checkpoint, seq2seq
 from . import resume as resuming
 from .check import DEFAULT_MAX_LENGTH
 from .distributed import Ranks, check_mergeable, check_rank_folders, idle_note, merge_states, remove_rank_folder
@@ -159,12 +159,18 @@ def _scan(
         )
 
         def planned() -> tuple[Plan, int]:
-            chosen = named if named is not None else make_probes(default_probe_names(loaded.is_causal))
+            if named is not None:
+                chosen = named
+            elif seq2seq.is_seq2seq(loaded):  # encoder, decoder and cross towers: the tower-aware defaults
+                chosen = make_probes(encoder_decoder_probe_names())
+            else:
+                chosen = make_probes(default_probe_names(loaded.is_causal))
             length = check.max_length(max_length, loaded)
             check.model_kind(chosen, loaded)
             # plan: which probe reads which corpus, in which batches, from where (a resumed scan)
             make = corpus_maker(loaded, length, limit=limit, seed=seed, strict=strict)
-            plan = make_plan(chosen, named is not None, corpus, make, batch_size)
+            data = corpus if corpus is not None else seq2seq.audio_corpus(loaded)  # Whisper: tones
+            plan = make_plan(chosen, named is not None, data, make, batch_size)
             if ranks is not None:
                 check_mergeable(plan.probes)
             return plan, length

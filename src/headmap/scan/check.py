@@ -83,6 +83,8 @@ def load(
         processor = None
         if getattr(tokenizer, "image_processor", None) is not None and getattr(tokenizer, "tokenizer", None):
             processor, tokenizer = tokenizer, tokenizer.tokenizer  # a VLM's processor given as its tokenizer
+        elif getattr(tokenizer, "feature_extractor", None) is not None and getattr(tokenizer, "tokenizer", None):
+            processor, tokenizer = tokenizer, tokenizer.tokenizer  # Whisper's processor given as its tokenizer
         loaded = wrap_model(model, tokenizer)
         if processor is not None:
             loaded.extra["processor"] = processor
@@ -105,12 +107,16 @@ def max_length(max_length: int | None, loaded: LoadedModel) -> int:
 
 
 def model_kind(probes: Sequence[Probe], loaded: LoadedModel) -> None:
-    """Refuse probes that need a causal model (``needs.causal``) on an encoder."""
-    if loaded.is_causal:
+    """Refuse probes that need a causal model (``needs.causal``) on an encoder or an encoder-decoder."""
+    from .seq2seq import is_seq2seq
+
+    seq2seq = is_seq2seq(loaded)
+    if loaded.is_causal and not seq2seq:
         return
     bad = [p.name for p in probes if p.needs.causal]
     if bad:
+        kind = "an encoder-decoder (its decoder reads a target beside a source)" if seq2seq else "an encoder"
         raise ProbeError(
             f"probe(s) {', '.join(bad)} need a causal (decoder) model, and "
-            f"{loaded.model.config.model_type} is an encoder; drop them from --probes"
+            f"{loaded.model.config.model_type} is {kind}; drop them from --probes"
         )

@@ -19,8 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..corpus import Batch, Corpus
 from ..corpus.images import collate
+from ..corpus.pairs import collate_seq2seq
 from ..engine import observe
 from ..models import LoadedModel, input_device, logits_to_keep, pad_id, position_ids
+from . import seq2seq
 from .capture import Capture
 from .plan import Group, Plan
 
@@ -65,7 +67,7 @@ class Forward:
         takes_positions = "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
         # left padding: count positions from each input's first real token, as generate() does, so an
         # input's numbers do not depend on its batch
-        self.positions = loaded.is_causal and takes_positions
+        self.positions = seq2seq.left_pad(loaded) and takes_positions
         self.capture = Capture(self.model, plan.probes)
         # probes read attention, not the [B, T, V] logits
         self.extra = {**self.capture.forward_kwargs(), **logits_to_keep(self.model)}
@@ -81,6 +83,8 @@ class Forward:
         if self.positions and "image_grid_thw" not in batch.inputs:
             extra["position_ids"] = position_ids(batch.attention_mask)
         extra.update(batch.inputs)  # an image corpus: pixel_values and what else the processor made
+        if "input_features" in batch.inputs:  # audio: the encoder reads features, the ids are the decoder's
+            return self.capture.run(group.probes, lambda: self.model(**extra))
         ids, mask = batch.input_ids, batch.attention_mask
         return self.capture.run(group.probes, lambda: self.model(input_ids=ids, attention_mask=mask, **extra))
 
@@ -136,11 +140,15 @@ def _batches(loaded: LoadedModel, corpus: Corpus, skip: int, batch_size: int, of
     device = input_device(loaded.model)  # a device-mapped model takes its inputs where its first module is
     pad = pad_id(loaded.tokenizer)  # not the config's ids: a tokenizer-less model pads with 0, as ever
     rest = Corpus(corpus.name, corpus.samples[skip:], corpus.description)
-    for start, ids, mask in rest.batches(batch_size, pad, left_pad=loaded.is_causal, device=device):
+    left = seq2seq.left_pad(loaded)  # an encoder-decoder pads its source and its target on the right
+    for start, ids, mask in rest.batches(batch_size, pad, left_pad=left, device=device):
         start += skip
         samples = list(corpus.samples[start : start + ids.shape[0]])
-        inputs = collate(samples, ids.shape[1], loaded.is_causal, device)
-        yield Batch(corpus.name, start + offset, samples, ids, mask, loaded.is_causal, inputs)
+        if seq2seq.is_prepared(samples):
+            inputs = collate_seq2seq(samples, pad, device)
+        else:
+            inputs = collate(samples, ids.shape[1], left, device)
+        yield Batch(corpus.name, start + offset, samples, ids, mask, left, inputs)
 
 
 def _one_batch(forward: Forward, group: Group, batch: Batch, session: Any, run: Run, plan: Plan) -> None:

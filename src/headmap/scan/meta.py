@@ -67,7 +67,7 @@ def describe(loaded: LoadedModel, plan: Plan, run: Run, options: dict[str, Any])
         "architecture": {
             "model_type": model.config.model_type,
             "class": type(model).__name__,
-            "causal": loaded.is_causal,
+            "causal": loaded.is_causal and not getattr(model.config, "is_encoder_decoder", False),
             "layers": len(layer_shapes),
             "heads": layer_shapes[0][1][0] if layer_shapes else None,
             "kv_heads": layer_shapes[0][1][1] if layer_shapes else None,

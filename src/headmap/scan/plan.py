@@ -15,7 +15,7 @@ from ..corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from ..errors import OptionError, ProbeError
 from ..models import LoadedModel
 from ..probes import Probe
-from . import images
+from . import images, seq2seq
 
 
 @dataclass
@@ -64,6 +64,7 @@ def corpus_maker(
             vocab_size=_vocab_size(loaded.model.config),
             **extra,
         )
+        data = seq2seq.prepare(data, loaded, max_length, strict)  # an encoder-decoder: pairs or audio
         return images.prepare(data, loaded, max_length)  # an image corpus: the model's processor prepares it
 
     return make
@@ -145,21 +146,26 @@ def plan_groups(
     groups = []
     for name, members in by_corpus.items():
         data = make(name)
-        blind = [(p, why) for p in members if (why := images.tower_blind(p, data)) is not None]
+        blind = [(p, why) for p in members if (why := _blind(p, data)) is not None]
         if blind and explicit:
             raise ProbeError(f"probe {blind[0][0].name} cannot read corpus '{data.name}': {blind[0][1]}")
         skipped.update({p.name: why for p, why in blind})
-        members = [p for p in members if images.tower_blind(p, data) is None]
+        members = [p for p in members if _blind(p, data) is None]
         if members:
             groups += _split(data, members)
     return groups, skipped
+
+
+def _blind(probe: Probe, data: Corpus) -> str | None:
+    """Why ``probe`` cannot read ``data``: image inputs, or an encoder-decoder's (None when it can)."""
+    return images.tower_blind(probe, data) or seq2seq.tower_blind(probe, data)
 
 
 def _one_corpus(probes: list[Probe], explicit: bool, data: Corpus) -> tuple[list[Group], dict[str, str]]:
     skipped: dict[str, str] = {}
     keep = []
     for p in probes:
-        why = p.applies_to(data) or images.tower_blind(p, data)
+        why = p.applies_to(data) or _blind(p, data)
         if why is None:
             keep.append(p)
         elif explicit:

@@ -1,0 +1,189 @@
+"""Cross-attention alignment maps in the report of an encoder-decoder run (T5, BART, Whisper).
+
+For a run with ``cross_alignment`` rows, the cross-attention heads ranked by ``cross_monotonicity`` (at most
+:data:`ALIGN_HEADS`, NaN last) each get one figure: the decoder-position x source-position attention of the
+run's first input, ``A_h[i, j]`` for decoder row i (teacher-forced target token) and source position j
+(source token, or audio frame after the encoder's convolutions).
+
+The maps are not stored by the scan (which never builds a T x T array): the report loads the run's model
+again (its folder, or its hub id when the hub or the cache has it) and its corpus's first input, runs one
+forward pass under the engine and assembles that one input's cross-attention rows from the engine's
+blocks, exactly. Only short inputs get maps: at most :data:`MAX_DECODER` decoder rows and
+:data:`MAX_SOURCE` source positions (Whisper's 1,500 frames fit). When the model or the input cannot be
+had again, the section says why instead.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atlas import Atlas
+from ..probes.base import Probe
+from .towers import new_figure, png_data_uri
+
+ALIGN_HEADS = 6
+MAX_DECODER = 256
+MAX_SOURCE = 1500
+ALIGN_IN = (3.0, 2.6)
+
+
+class CrossRecorder(Probe):
+    """Keeps the cross-attention probabilities of batch row 0, block by block, as dense [H, Tdec, Tsrc] per layer."""
+
+    name = "cross_maps"
+    tower_aware = True
+
+    def __init__(self, rows: int, keys: int) -> None:
+        self.rows, self.keys = rows, keys
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def update(self, block: Any) -> None:
+        if not block.is_cross:
+            return
+        probs = block.probs[0].detach().to(torch.float64).cpu()  # [H, bq, bk]
+        dense = self.maps.get(block.layer)
+        if dense is None:
+            dense = self.maps[block.layer] = torch.zeros(probs.shape[0], self.rows, self.keys, dtype=torch.float64)
+        q, k = block.q_pos.cpu().long(), block.k_pos.cpu().long()
+        dense[:, q[:, None], k[None, :]] = probs
+
+    def commit(self) -> None:
+        """Nothing to close: the maps are whole once the forward returns."""
+
+
+def corpus_spec(corpus: dict[str, Any]) -> str | None:
+    """The ``--corpus`` value that rebuilds a run's corpus from its description (None when it cannot)."""
+    if corpus.get("kind") == "file" and corpus.get("path"):
+        return str(corpus["path"])
+    if corpus.get("kind") == "builtin" and corpus.get("name"):
+        options = corpus.get("options") or {}
+        parts = [str(corpus["name"])]
+        for key, value in options.items():
+            text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+            parts.append(f"{key}={text}")
+        return ":".join(parts)
+    return None
+
+
+def alignment_maps(loaded: Any, sample: Any) -> dict[int, np.ndarray]:
+    """Per cross-attention layer, [heads, decoder rows, source positions] of one prepared input (exact, from
+    the engine's blocks of one forward pass of that input alone)."""
+    from ..corpus.pairs import collate_seq2seq
+    from ..engine import observe
+    from ..models import input_device, pad_id
+
+    device = input_device(loaded.model)
+    inputs = collate_seq2seq([sample], pad_id(loaded.tokenizer), device)
+    rows = len(sample.info["decoder_ids"])
+    if "input_features" not in inputs:
+        inputs["input_ids"] = torch.tensor([list(sample.ids)], dtype=torch.long, device=device)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    recorder = CrossRecorder(rows, MAX_SOURCE)
+    with torch.no_grad(), observe(loaded.model, probes=[recorder]):
+        loaded.model(**inputs)
+    out = {}
+    for layer, dense in sorted(recorder.maps.items()):
+        keys = _source_length(dense)
+        out[layer] = dense[:, :, :keys].numpy()
+    return out
+
+
+def _source_length(dense: torch.Tensor) -> int:
+    """The number of source positions a map covers (the last column any row attends to, plus one)."""
+    seen = torch.nonzero(dense.abs().sum(dim=(0, 1)) > 0)
+    return int(seen.max()) + 1 if len(seen) else 0
+
+
+def first_input(meta: dict[str, Any]) -> tuple[Any, Any, str | None]:
+    """(loaded model, first prepared input, None) of a run, or (None, None, why not)."""
+    from ..scan.check import load
+    from ..scan.plan import corpus_maker
+    from ..scan.seq2seq import audio_corpus
+
+    source = meta.get("model_source")
+    where = meta.get("model_path") if source in ("folder", "builtin") else meta.get("model")
+    if source == "object" or not where:
+        return None, None, "the run's model was passed as an object, so the report cannot load it again"
+    try:
+        loaded = load(str(where), None, str(meta.get("dtype") or "float32"), "cpu", progress=False)
+    except Exception as exc:  # noqa: BLE001  (the maps are a nicety: any failure to load is reported)
+        return None, None, f"the run's model {where} cannot be loaded again here ({type(exc).__name__})"
+    spec = corpus_spec(meta.get("corpus") or {}) or audio_corpus(loaded)
+    if spec is None:
+        return None, None, "the run's corpus cannot be rebuilt from its description"
+    options = meta.get("options") or {}
+    try:
+        make = corpus_maker(
+            loaded, int(options.get("max_length") or 512), limit=1, seed=int(options.get("seed", 0)), strict=False
+        )
+        data = make(spec)
+    except Exception as exc:  # noqa: BLE001
+        return None, None, f"the run's corpus {spec} cannot be read again here ({exc})"
+    if not len(data.samples) or "decoder_ids" not in (data.samples[0].info or {}):
+        return None, None, "the run's first input is not an encoder-decoder input"
+    return loaded, data.samples[0], None
+
+
+def chosen_heads(heads: Any, k: int = ALIGN_HEADS) -> list[tuple[int, int, float, float]]:
+    """(layer, head, monotonicity, entropy) of the ``k`` cross heads of highest ``cross_monotonicity`` (NaN last)."""
+    rows = heads[heads["probe"] == "cross_alignment"]
+    mono = rows[rows["metric"] == "cross_monotonicity"].set_index(["layer", "head"])["value"]
+    ent = rows[rows["metric"] == "cross_entropy"].set_index(["layer", "head"])["value"]
+    order = mono.fillna(-math.inf).sort_values(ascending=False, kind="stable")
+    return [(int(lh[0]), int(lh[1]), float(mono[lh]), float(ent.get(lh, math.nan))) for lh in order.index[:k]]
+
+
+def _figure(grid: np.ndarray, title: str) -> str:
+    fig = new_figure(ALIGN_IN)
+    ax = fig.add_subplot()
+    ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0.0)
+    ax.set_xlabel("source position", fontsize=6)
+    ax.set_ylabel("decoder position", fontsize=6)
+    ax.tick_params(labelsize=5)
+    ax.set_title(title, fontsize=7)
+    return png_data_uri(fig)
+
+
+def alignment_section(atlas: Atlas) -> str:
+    """HTML of the alignment maps ('' when the run has no ``cross_alignment`` rows); every string escaped."""
+    heads = atlas.heads
+    if "probe" not in heads.columns or not (heads["probe"] == "cross_alignment").any():
+        return ""
+    e = html.escape
+    chosen = chosen_heads(heads)
+    out = [
+        '<section id="alignment-section"><h2>Cross-attention alignment</h2>',
+        f'<p class="hint">Input 0: each decoder position\'s attention over the source, for the {len(chosen)} '
+        "cross-attention heads of highest monotonicity (cross_alignment). Computed again from the model for this "
+        f"one input (at most {MAX_DECODER} decoder and {MAX_SOURCE} source positions).</p>",
+    ]
+    loaded, sample, why = first_input(atlas.meta)
+    if why is None:
+        rows = len(sample.info["decoder_ids"])
+        if rows > MAX_DECODER:
+            why = f"the first input has {rows} decoder positions, more than the {MAX_DECODER} a map shows"
+    maps: dict[int, np.ndarray] = {}
+    if why is None:
+        try:
+            maps = alignment_maps(loaded, sample)
+        except IndexError:
+            why = f"the first input has more than {MAX_SOURCE} source positions"
+    if why is not None:
+        out.append(f'<p class="hint">No maps: {e(why)}.</p></section>')
+        return "\n".join(out)
+    out.append('<div class="grid">')
+    for layer, head, mono, ent in chosen:
+        if layer not in maps or head >= maps[layer].shape[0]:
+            continue
+        title = f"L{layer} H{head}: monotonicity {mono:.2f}, entropy {ent:.2f}"
+        out.append(
+            f'<figure><img alt="{e(title)}" src="{_figure(maps[layer][head], title)}">'
+            f"<figcaption>{e(title)}</figcaption></figure>"
+        )
+    out.append("</div></section>")
+    return "\n".join(out)
