@@ -851,3 +851,20 @@ def greedy_decode(
             use_cache=True,
         )
     return torch.stack(generated, dim=1)
+
+
+def weights_signature(model: torch.nn.Module, samples: int = 64) -> str:
+    """sha256 over every parameter's name, shape, dtype and ``samples`` evenly spaced values (plus the last).
+
+    Cheap (a few thousand numbers however large the model) and deterministic on every device;
+    any training or fine-tuning changes it.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
+        flat = param.detach().reshape(-1)
+        if flat.numel() == 0 or flat.device.type == "meta":
+            continue
+        picked = torch.cat([flat[:: max(1, flat.numel() // samples)][:samples], flat[-1:]])
+        digest.update(picked.to(device="cpu", dtype=torch.float64).numpy().tobytes())
+    return digest.hexdigest()

@@ -707,9 +707,9 @@ def start_checkpoint(
     lead = ranks is None or ranks.leader
     if out is None:
         return Keeper(None, lead)
-    from ..explain.folder import weights_digest
+    from ..models import weights_signature
 
-    fp = {**fp, "weights": weights_digest(lm.model)[:16]}  # the values too, not only the shapes
+    fp = {**fp, "weights": weights_signature(lm.model)[:16]}  # the values too, not only the shapes
     folder = Path(out) / CHECKPOINT
 
     def begin() -> dict[str, Any]:

@@ -35,10 +35,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..errors import CorpusError, OptionError, OutputError
-from ..models import load_model
+from ..models import load_model, weights_signature
 from ..parallel import Ranks, sharing
 from ..rundir import check_writable, os_error_text, write_file, write_text
 from .api import METHODS, BatchResult, Plan, _pad, merge, plan, resolve_methods, run_batches
@@ -117,20 +116,6 @@ def check_out(out: Path, overwrite: bool, resume: bool = False) -> None:
 # -- what decides the rows, and the finished batches on disk -------------------------------------------
 
 
-def weights_digest(model: torch.nn.Module, samples: int = 64) -> str:
-    """sha256 over every parameter's name, shape, dtype and ``samples`` evenly spaced values (plus the last):
-    a few thousand numbers however large the model; any training changes it."""
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
-        flat = param.detach().reshape(-1)
-        if flat.numel() == 0 or flat.device.type == "meta":
-            continue
-        picked = torch.cat([flat[:: max(1, flat.numel() // samples)][:samples], flat[-1:]])
-        digest.update(picked.to(device="cpu", dtype=torch.float64).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _sha(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -161,7 +146,7 @@ def fingerprint(
             "id": loaded.model_id,
             "class": type(model).__name__,
             "config": _sha(model.config.to_dict())[:16],
-            "weights": weights_digest(model)[:16],
+            "weights": weights_signature(model)[:16],
         },
         "dtype": dtype,
         "device": device,

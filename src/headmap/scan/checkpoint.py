@@ -42,10 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import ModelError, OutputError
-from ..models import device_text, model_shape
+from ..models import device_text, model_shape, weights_signature
 from ..rundir import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -75,23 +74,6 @@ class Checkpoint:
 
 
 # -- fingerprint ---------------------------------------------------------------------------------
-
-
-def weights_signature(model: torch.nn.Module, samples: int = 64) -> str:
-    """sha256 over every parameter's name, shape, dtype and ``samples`` evenly spaced values (plus the last).
-
-    Cheap (a few thousand numbers however large the model) and deterministic on every device;
-    any training or fine-tuning changes it.
-    """
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
-        flat = param.detach().reshape(-1)
-        if flat.numel() == 0 or flat.device.type == "meta":
-            continue
-        picked = torch.cat([flat[:: max(1, flat.numel() // samples)][:samples], flat[-1:]])
-        digest.update(picked.to(device="cpu", dtype=torch.float64).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def corpus_signature(samples: Sequence[Any]) -> str:
