@@ -285,3 +285,59 @@ def test_bfloat16_model_fused_probes_match_the_block_route(calls):
     for name, f, b in zip(names, got, ref, strict=True):
         atol = bound(name, size, prob=4 * 2**-8 * 2) + (gamma(20) * 10 if name == "waad" else 0)
         np.testing.assert_allclose(f.values(), b.values(), atol=atol, rtol=0, err_msg=name)
+
+
+def brute_received(kind, model, ids):
+    """{input: [L, T]} from docs/methods/received.md: the mean over heads of sum_{i in Q(j)} A[i, j] / |Q(j)|."""
+    causal = causal_of(kind)
+    atts = eager_attentions(model, ids)
+    out = {}
+    for b in range(len(ids)):
+        rows = []
+        for a in atts:
+            a = a[b]  # [H, T, T]
+            sees = (np.tril(np.ones((T, T)), -1) if causal else 1 - np.eye(T)).astype(bool)  # i != j sees j
+            count = sees.sum(0)
+            mass = (a * sees).sum(1).mean(0)  # [T]
+            rows.append(np.where(count > 0, mass / np.maximum(count, 1), np.nan))
+        out[b] = np.stack(rows)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_received_equals_brute_force_and_the_block_route(kind, calls):
+    """The column sums by the swapped call, less the diagonal, over |Q(j)|: against eager in float32 and
+    against the block route in float64. A column sum adds at most T probabilities (relative ``prob`` each,
+    so at most T prob absolute), the diagonal one more; divided by |Q(j)| >= 1 and averaged over heads."""
+    from headmap.probes import ReceivedProbe
+
+    model, _ = tiny(kind)
+    ids = ids_for()
+    probe = ReceivedProbe()
+    with torch.no_grad(), headmap.observe(model, probes=[probe]):
+        model(input_ids=ids)
+    assert calls["blocks"] == 0 and calls["kernels"] == ["flash_cpu"] * 2 * 2  # the call and the swapped call
+    got, ref = probe.values(), brute_received(kind, model, ids)
+    for b in ref:
+        np.testing.assert_allclose(got[b], ref[b], atol=(T + 1) * PROB, rtol=0)
+    model = model.double()
+    fused_probe, block_probe = ReceivedProbe(), ReceivedProbe()
+    with torch.no_grad():
+        with headmap.observe(model, probes=[fused_probe]):
+            model(input_ids=ids)
+        headmap.engine_config.fused = False
+        try:
+            with headmap.observe(model, probes=[block_probe]):
+                model(input_ids=ids)
+        finally:
+            headmap.engine_config.fused = True
+    got, ref = fused_probe.values(), block_probe.values()
+    for b in ref:
+        assert np.array_equal(np.isnan(got[b]), np.isnan(ref[b]))  # the same tokens have no value
+        np.testing.assert_allclose(got[b], ref[b], atol=(T + 1) * PROB64, rtol=0)
+
+
+def test_received_per_modality_keeps_the_block_route():
+    from headmap.probes import ReceivedProbe
+
+    assert ReceivedProbe().fused and not ReceivedProbe(modality=True).fused

@@ -209,3 +209,35 @@ def band_probability(view: Any, lags: Any) -> torch.Tensor:
         s = (qg * kc[:, :, None]).sum(-1).view(batch, heads, q_len) * view.scaling
         out.append(torch.exp(s - lse) * inside)
     return torch.stack(out, dim=-1)
+
+
+def column_mass(view: Any) -> torch.Tensor:
+    """[B, H, Tk] in the lse's dtype: ``sum_i A_ij`` over every query row i that sees key j (the diagonal
+    included), by one fused call with the roles of queries and keys exchanged.
+
+    ``A_ij = exp(s_ij - lse_i)``, so the column sum is the log-sum-exp, over the answering queries i, of
+    the logits ``scale k_j . q_i - lse_i``: an attention call whose queries are the keys and whose keys are
+    the queries, each widened by one channel (1 on the asking side, ``-lse_i / scale`` on the answering
+    side; 7 more zero channels keep the head size a multiple of 8). A causal call's key j is seen by rows
+    i >= j, which is the kernel's causal mask once both sequences are reversed. Only the kernel's
+    log-sum-exp is read. Runs in the lse's dtype (float32 for a half-precision model: ``lse_i / scale``
+    must not be rounded to 8 bits). No T x T matrix (explain/_flash.py's ``swapped_product`` does the same
+    with an additive mask instead of a channel).
+    """
+    dtype = view.lse.dtype
+    q, k = view.query.to(dtype), view.key.to(dtype)
+    batch, heads, length, _ = q.shape
+    if k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    pad = q.new_zeros(batch, heads, length, 7)
+    asking = torch.cat([k, torch.ones_like(pad[..., :1]), pad], dim=-1)
+    answering = torch.cat([q, (-view.lse / view.scaling)[..., None].to(dtype), pad], dim=-1)
+    if view.is_causal:
+        asking, answering = asking.flip(2), answering.flip(2)
+    kernel = kernel_for(q.device, dtype)
+    if kernel is None:
+        raise ValueError(f"no fused kernel takes {dtype} on {q.device}")
+    _, lse = attend(kernel, asking, answering, answering, view.is_causal, view.scaling)
+    if view.is_causal:
+        lse = lse.flip(2)
+    return torch.exp(lse)
