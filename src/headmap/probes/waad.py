@@ -68,7 +68,8 @@ class WaadProbe(HeadMeanProbe):
         w = min(self.window, view.key.shape[2])  # lags of W or more reach no key inside the call
         lags = list(range(0 if view.is_causal else -(w - 1), w))
         band = band_probability(view, lags)  # [B, H, Tq, band]
-        weight = torch.tensor([self.window - abs(lag) for lag in lags], dtype=band.dtype, device=band.device)
+        lag_t = torch.arange(lags[0], w, device=band.device)  # made on the device: no host-to-device copy
+        weight = (self.window - lag_t.abs()).to(band.dtype)
         near = torch.matmul(band, weight).to(torch.float64)
         # every row of a plain call sums to 1 over the keys it sees (no sink logit, no hidden row)
         self._add_rows(view.tower, view.layer, view.num_kv_heads, self.window - near, view.query_valid)
