@@ -341,3 +341,22 @@ def test_received_per_modality_keeps_the_block_route():
     from headmap.probes import ReceivedProbe
 
     assert ReceivedProbe().fused and not ReceivedProbe(modality=True).fused
+
+
+def test_products_are_shared_by_tag_only(calls):
+    """Two probes asking for the keys' product share one call; a product without a tag is never reused."""
+    model, _ = tiny("llama")
+    seen = []
+
+    class Asker(SinkProbe):
+        def update_fused(self, view):
+            super().update_fused(view)
+            a, _ = fused.product(view, view.key, tag="keys")
+            b, _ = fused.product(view, view.key, tag="keys")
+            c, _ = fused.product(view, torch.zeros_like(view.key))
+            seen.append((a is b, bool(c.abs().max() == 0)))
+
+    with torch.no_grad(), headmap.observe(model, probes=[Asker(), EntropyProbe()]):
+        model(input_ids=ids_for())
+    assert seen == [(True, True)] * 2
+    assert calls["kernels"] == ["flash_cpu"] * 2 * 3  # per layer: the call, the keys' product, the untagged one

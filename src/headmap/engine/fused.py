@@ -182,7 +182,8 @@ def product(view: Any, values: torch.Tensor, part: str = "all", tag: str | None 
     if part == "after":
         out, lse = out.flip(2), lse.flip(2)
     mass = None if part == "all" or (part == "before" and view.is_causal) else torch.exp(lse - view.lse)
-    cache[(tag, part)] = (out, mass)
+    if tag is not None:
+        cache[(tag, part)] = (out, mass)
     return out, mass
 
 
