@@ -10,6 +10,12 @@ queries, keys and ``lse`` declares ``fused = True`` and implements ``update_fuse
 (:class:`~headmap.probes.base.Probe`); when every probe of a session does, and the call is *plain*, the
 engine takes this route (:func:`usable` lists the conditions; anything else takes the block route).
 
+Helpers for probes, none of which builds a T x T matrix: :func:`key_probability` (one key column per
+input), :func:`band_probability` (keys at fixed lags from each query), :func:`product` (``sum_j A_ij v_j``
+for other values, one more fused call, shared by tag across the probes of a call) and
+:func:`column_mass` (column sums ``sum_i A_ij``, one fused call with queries and keys exchanged). The
+engine knows no probe by name: a probe asks for what it needs through these.
+
 Exactness: the probabilities are those of the kernel's own attention, the one whose output the model
 receives, in float32 (float64 for a float64 model on CPU). For a float32 or float64 model they equal
 the block route's to the rounding of the logits (tests/test_fused.py bounds it); for a bfloat16 or
