@@ -17,6 +17,9 @@ Modes:
            (sink, entropy, mean_distance, waad, prev_token, received, fai, sinks, massive_values,
            attention_maps; the block route). The set's other probes read corpora of their own
            (repeats, items, needles) in forwards of their own.
+  fused    every probe of that set with a fused version (sink, entropy, mean_distance, waad,
+           prev_token): the fused route, one kernel per call plus the probes' extra fused products
+  fused_blocks  the same probes with the fused route off: the block route
 
 Each child is guarded by a memory estimate (skipped above ``--mem-limit-gib``), a watchdog that
 kills it when its RSS passes the limit, and ``--timeout``. A child killed by the OOM killer
@@ -45,7 +48,9 @@ from dataclasses import asdict, dataclass, field
 
 GIB = 2**30
 MIB = 2**20
-MODES = ("sdpa", "eager", "headmap", "blocks", "default")
+MODES = ("sdpa", "eager", "headmap", "blocks", "default", "fused", "fused_blocks")
+#: the modes run when --modes is not given (the fused-set modes are asked for by name)
+DEFAULT_MODES = ("sdpa", "eager", "headmap", "blocks", "default")
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 WARMUP_T = 128
 RESULT_TAG = "HEADMAP_BENCH_RESULT "
@@ -244,11 +249,13 @@ def run_child(args: argparse.Namespace) -> dict:
         sync()
         return out
 
-    probe = headmap.SinkProbe() if args.mode in ("headmap", "blocks", "default") else None
+    probe = headmap.SinkProbe() if args.mode in ("headmap", "blocks", "default", "fused", "fused_blocks") else None
     probes = [probe] if probe is not None else []
     if args.mode == "default":
         probes += plain_default_probes()
-    if args.mode == "blocks":
+    if args.mode in ("fused", "fused_blocks"):
+        probes += fused_default_probes()
+    if args.mode in ("blocks", "fused_blocks"):
         headmap.engine_config.fused = False
     session = headmap.observe(model, probes=probes) if probes else None
     flash = None
@@ -333,6 +340,12 @@ def plain_default_probes() -> list:
         if n != "sink" and PROBES[n].needs.corpus is None and not PROBES[n].needs.drives_model
     ]
     return make_probes(names)
+
+
+def fused_default_probes() -> list:
+    """The probes of :func:`plain_default_probes` that have a fused version (``fused = True``), less
+    ``sink``: the ``fused`` and ``fused_blocks`` modes."""
+    return [p for p in plain_default_probes() if getattr(p, "fused", False)]
 
 
 def profile_forward(kind: str, forward, input_ids):
@@ -728,7 +741,7 @@ def check_targets(rows: list[Row], lengths: list[int]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
     p.add_argument("--repeats", type=int, default=2, help="best of N timed forwards for T <= --repeat-max-t")
     p.add_argument("--repeat-max-t", type=int, default=4096)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -10,6 +10,8 @@ bfloat16 it times, at each ``--lengths`` (CUDA-synchronised wall time, best of `
   fused     the sink probe, fused route
   blocks    the sink probe, block route, at the engine's own budget and at each ``--budgets`` (MiB)
   default   the default set's plain probes (bench/engine.py's ``default`` mode), block route
+  fusedset  every default probe with a fused version (bench/engine.py's ``fused`` mode), fused route
+  fusedset_blocks  the same probes, block route at the engine's own budget
 
 then prints a torch.profiler table (self CUDA time) of ``blocks`` and ``default`` at the first length.
 
@@ -42,7 +44,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192])
     p.add_argument("--budgets", type=float, nargs="*", default=[4096, 1024], help="block budgets (MiB) to try")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--modes", nargs="+", default=["sdpa", "fused", "blocks", "default"])
+    p.add_argument("--modes", nargs="+", default=["sdpa", "fused", "fusedset", "blocks", "default"])
     p.add_argument("--no-profile", action="store_true")
     args = p.parse_args()
 
@@ -97,6 +99,8 @@ def main() -> None:
                 probes = [headmap.SinkProbe()]
                 if mode == "default":
                     probes += bench_engine.plain_default_probes()
+                if mode in ("fusedset", "fusedset_blocks"):
+                    probes += bench_engine.fused_default_probes()
                 with headmap.observe(model, probes=probes):
                     return model(ids, **kwargs)
 
@@ -109,12 +113,12 @@ def main() -> None:
         plans += [("blocks", b) for b in args.budgets]
         for mode, budget in plans:
             saved = headmap.engine_config.budget_bytes
-            headmap.engine_config.fused = mode == "fused"
+            headmap.engine_config.fused = mode in ("fused", "fusedset")
             if budget:
                 headmap.engine_config.budget_bytes = int(budget * 2**20)
             try:
                 fn = run(mode, ids)
-                reps = args.repeats if mode in ("sdpa", "fused") or T <= 8192 else 1
+                reps = args.repeats if mode in ("sdpa", "fused", "fusedset") or T <= 8192 else 1
                 wall, peak = timed(fn, reps)
                 results[(T, mode, budget)] = wall
                 base = results.get((T, "sdpa", None))

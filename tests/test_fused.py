@@ -17,7 +17,7 @@ import headmap
 from headmap.edits import make_edits
 from headmap.engine import fused
 from headmap.errors import NumericalError
-from headmap.probes import EntropyProbe, SinkProbe
+from headmap.probes import AttentionMapsProbe, SinkProbe
 
 T = 12
 # fused sink = exp(s_i0 - lse_i): s is a dot product of head_dim (8) terms, lse a sum of at most T terms
@@ -114,7 +114,7 @@ def test_block_route_when_the_call_is_not_plain(case, calls):
     elif case == "edit":
         edits = make_edits("temperature:heads=[[1,0]]:tau=1.5")
     elif case == "other_probe":
-        probes.append(EntropyProbe())
+        probes.append(AttentionMapsProbe())  # keeps maps of whole blocks: no fused version
     grad = case == "gradients"
     with torch.set_grad_enabled(grad), headmap.observe(model, probes=probes, edits=edits):
         out = model(**kwargs).logits

@@ -10,6 +10,12 @@ queries, keys and ``lse`` declares ``fused = True`` and implements ``update_fuse
 (:class:`~headmap.probes.base.Probe`); when every probe of a session does, and the call is *plain*, the
 engine takes this route (:func:`usable` lists the conditions; anything else takes the block route).
 
+Helpers for probes, none of which builds a T x T matrix: :func:`key_probability` (one key column per
+input), :func:`band_probability` (keys at fixed lags from each query), :func:`product` (``sum_j A_ij v_j``
+for other values, one more fused call, shared by tag across the probes of a call) and
+:func:`column_mass` (column sums ``sum_i A_ij``, one fused call with queries and keys exchanged). The
+engine knows no probe by name: a probe asks for what it needs through these.
+
 Exactness: the probabilities are those of the kernel's own attention, the one whose output the model
 receives, in float32 (float64 for a float64 model on CPU). For a float32 or float64 model they equal
 the block route's to the rounding of the logits (tests/test_fused.py bounds it); for a bfloat16 or
@@ -142,3 +148,103 @@ def key_probability(view: Any, columns: torch.Tensor) -> torch.Tensor:
         kc = kc.repeat_interleave(heads // kv_heads, dim=1)
     s = torch.matmul(q.to(lse.dtype), kc.transpose(-1, -2)).squeeze(-1) * view.scaling  # [B, H, Tq]
     return torch.exp(s - lse)
+
+
+def product(view: Any, values: torch.Tensor, part: str = "all", tag: str | None = None) -> tuple:
+    """``(out [B, H, Tq, Dv], mass [B, H, Tq] or None)``: one more fused attention call of this call's
+    queries and keys with other ``values``, in the lse's dtype (float32; float64 for a float64 model).
+
+    ``out[b, h, i] = sum_j P_ij values[b, h, j]`` with ``P`` the call's softmax restricted to ``part`` of
+    each row's keys and renormalised there: ``"all"`` every key the call sees, ``"before"`` the keys
+    ``j <= i``, ``"after"`` the keys ``j >= i`` (the causal kernel on the sequences reversed). ``mass`` is
+    the share of the call's attention on that part, ``exp(lse_part - lse)`` [B, H, Tq] (None where it is
+    the whole row), so that ``sum_{j in part} A_ij v_j = mass * out``. ``values`` has the call's query
+    heads, its kv heads or one head ([B or 1, heads, Tk, Dv]); half-precision models run this call in
+    float32, where positions and keys are exact and the kernel's probabilities are not rounded to 8 bits.
+    No T x T matrix: one kernel call, O(T H Dv) memory. ``tag``: products with the same tag and part are
+    computed once per call (probes of one session share them).
+    """
+    cache = view.__dict__.setdefault("_products", {})
+    if tag is not None and (tag, part) in cache:
+        return cache[(tag, part)]
+    if part not in ("all", "before", "after"):
+        raise ValueError(f"part must be 'all', 'before' or 'after' (got {part!r})")
+    dtype = view.lse.dtype
+    query, key = view.query.to(dtype), view.key.to(dtype)
+    batch, heads = query.shape[0], query.shape[1]
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    values = values.to(dtype)
+    if values.shape[1] != heads:
+        values = values.repeat_interleave(heads // values.shape[1], dim=1)
+    values = values.expand(batch, heads, *values.shape[2:]).contiguous()
+    causal = view.is_causal if part == "all" else True
+    if part == "after":
+        query, key, values = query.flip(2), key.flip(2), values.flip(2)
+    kernel = kernel_for(query.device, dtype)
+    if kernel is None:
+        raise ValueError(f"no fused kernel takes {dtype} on {query.device}")
+    out, lse = attend(kernel, query, key, values, causal, view.scaling)
+    if part == "after":
+        out, lse = out.flip(2), lse.flip(2)
+    mass = None if part == "all" or (part == "before" and view.is_causal) else torch.exp(lse - view.lse)
+    if tag is not None:
+        cache[(tag, part)] = (out, mass)
+    return out, mass
+
+
+def band_probability(view: Any, lags: Any) -> torch.Tensor:
+    """[B, H, Tq, len(lags)]: the probability each query row i gives key ``i - lag``, for each lag (0 where
+    the call does not show that key: outside the input, or after the query in a causal call).
+
+    Per lag one gather of the keys and one dot product per row, ``exp(scale * q_i . k_{i-lag} - lse_i)``
+    in the lse's dtype: O(T H d) each, no T x T.
+    """
+    q, k, lse = view.query, view.key, view.lse
+    batch, heads, q_len, dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    qg = q.to(lse.dtype).view(batch, kv_heads, group, q_len, dim)
+    rows = view.q_pos - view.k_pos[0]  # [Tq]: the key column of each query's own position
+    out = []
+    for lag in lags:
+        cols = rows - lag
+        inside = (cols >= 0) & (cols < k_len)
+        if view.is_causal and lag < 0:
+            inside = torch.zeros_like(inside)
+        kc = k.index_select(2, cols.clamp(0, k_len - 1)).to(lse.dtype)  # [B, Hkv, Tq, D]
+        s = (qg * kc[:, :, None]).sum(-1).view(batch, heads, q_len) * view.scaling
+        out.append(torch.exp(s - lse) * inside)
+    return torch.stack(out, dim=-1)
+
+
+def column_mass(view: Any) -> torch.Tensor:
+    """[B, H, Tk] in the lse's dtype: ``sum_i A_ij`` over every query row i that sees key j (the diagonal
+    included), by one fused call with the roles of queries and keys exchanged.
+
+    ``A_ij = exp(s_ij - lse_i)``, so the column sum is the log-sum-exp, over the answering queries i, of
+    the logits ``scale k_j . q_i - lse_i``: an attention call whose queries are the keys and whose keys are
+    the queries, each widened by one channel (1 on the asking side, ``-lse_i / scale`` on the answering
+    side; 7 more zero channels keep the head size a multiple of 8). A causal call's key j is seen by rows
+    i >= j, which is the kernel's causal mask once both sequences are reversed. Only the kernel's
+    log-sum-exp is read. Runs in the lse's dtype (float32 for a half-precision model: ``lse_i / scale``
+    must not be rounded to 8 bits). No T x T matrix (explain/_flash.py's ``swapped_product`` does the same
+    with an additive mask instead of a channel).
+    """
+    dtype = view.lse.dtype
+    q, k = view.query.to(dtype), view.key.to(dtype)
+    batch, heads, length, _ = q.shape
+    if k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    pad = q.new_zeros(batch, heads, length, 7)
+    asking = torch.cat([k, torch.ones_like(pad[..., :1]), pad], dim=-1)
+    answering = torch.cat([q, (-view.lse / view.scaling)[..., None].to(dtype), pad], dim=-1)
+    if view.is_causal:
+        asking, answering = asking.flip(2), answering.flip(2)
+    kernel = kernel_for(q.device, dtype)
+    if kernel is None:
+        raise ValueError(f"no fused kernel takes {dtype} on {q.device}")
+    _, lse = attend(kernel, asking, answering, answering, view.is_causal, view.scaling)
+    if view.is_causal:
+        lse = lse.flip(2)
+    return torch.exp(lse)

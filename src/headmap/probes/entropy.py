@@ -22,13 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.block import Block
+from ..engine.block import Block, QKView
+from ..engine.fused import product
 from .head import HeadMeanProbe
 
 
 @dataclass
 class EntropyProbe(HeadMeanProbe):
     name = "entropy"
+    #: H_i = lse_i - sum_j A_ij s_ij = lse_i - scale * q_i . (sum_j A_ij k_j): the call's log-sum-exps and
+    #: one more fused call whose values are the keys (headmap.engine.fused.product)
+    fused = True
 
     def row_values(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         probs = block.probs  # [B, H, bq, bk]
@@ -51,3 +55,14 @@ class EntropyProbe(HeadMeanProbe):
         values = ent.to(torch.float64) / norm[:, None, :]
         counted = block.query_valid & (seen > 1)
         return values, counted
+
+    def update_fused(self, view: QKView) -> None:
+        # sum_j A_ij k_j by the same kernel (float32 for a half-precision model), then one dot product per row
+        attended, _ = product(view, view.key, tag="keys")  # [B, H, Tq, D]
+        dot = (view.query.to(attended.dtype) * attended).sum(-1) * view.scaling  # sum_j A_ij s_ij
+        ent = view.lse.to(torch.float64) - dot.to(torch.float64)  # [B, H, Tq]
+        rel = view.q_pos - view.k_pos[0]  # [Tq]: a plain call has no padding, keys start at the input
+        seen = rel + 1 if view.is_causal else torch.full_like(rel, view.key.shape[2])  # |K(i)|
+        norm = torch.log(seen.clamp(min=2).to(torch.float64))
+        counted = view.query_valid & (seen > 1)[None, :]
+        self._add_rows(view.tower, view.layer, view.num_kv_heads, ent / norm, counted)

@@ -18,13 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.block import Block
+from ..engine.block import Block, QKView
+from ..engine.fused import band_probability
 from .head import HeadMeanProbe
 
 
 @dataclass
 class PrevTokenProbe(HeadMeanProbe):
     name = "prev_token"
+    #: A[i, i - 1] = exp(s_{i,i-1} - lse_i): one shifted key per row and the row's log-sum-exp, so the
+    #: engine may run the call with one fused kernel (headmap.engine.fused)
+    fused = True
 
     def row_values(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         probs = block.probs  # [B, H, bq, bk]
@@ -35,3 +39,8 @@ class PrevTokenProbe(HeadMeanProbe):
         values = probs.gather(-1, index).squeeze(-1) * inside  # [B, H, bq]
         counted = block.query_valid & (block.rel_q() >= 1)
         return values, counted
+
+    def update_fused(self, view: QKView) -> None:
+        values = band_probability(view, [1])[..., 0]  # [B, H, Tq]: A[i, i - 1], 0 for query 0
+        counted = view.query_valid & (view.q_pos[None, :] - view.item_start[:, None] >= 1)
+        self._add_rows(view.tower, view.layer, view.num_kv_heads, values, counted)

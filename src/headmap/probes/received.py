@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ..engine import registry
-from ..engine.block import Block
+from ..engine.block import Block, QKView
+from ..engine.fused import band_probability, column_mass
 from ..errors import ProbeError
 from .head import HeadStats
 from .token import Pending, Row, TokenProbe, add_columns, piece, take
@@ -103,12 +104,17 @@ class ReceivedProbe(TokenProbe):
 
     name = "received"
     chunk_keys = ("layers", "received")
+    #: column sums sum_i A_ij from one fused call with queries and keys exchanged (headmap.engine.fused.
+    #: column_mass), less the diagonal exp(s_jj - lse_j); the per-modality rows need blocks (not fused)
+    fused = True
 
     _ids: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.modality, bool):
             raise ProbeError(f"received modality must be true or false (got {self.modality!r})")
+        if self.modality:
+            self.fused = False
         tid = self.image_token_id
         if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int)):
             raise ProbeError(f"received image_token_id must be a token id (got {tid!r})")
@@ -124,6 +130,18 @@ class ReceivedProbe(TokenProbe):
         if self.modality and (block.tower != "text" or block.is_cross):
             return
         super().update(block)
+
+    def update_fused(self, view: QKView) -> None:
+        pend = self._track(view)
+        # a plain call: every query is real, keys start at position 0 (no offset) and the rows are square
+        mass = column_mass(view).to(torch.float64) - band_probability(view, [0])[..., 0].to(torch.float64)
+        length = view.key.shape[2]
+        count = torch.arange(length, device=mass.device)
+        count = (length - 1 - count) if view.is_causal else torch.full_like(count, length - 1)  # |Q(j)|
+        store = pend.sums.setdefault(view.layer, {})
+        add_columns(store, "mass", 0, mass.sum(dim=1))
+        add_columns(store, "count", 0, count.expand(mass.shape[0], length))
+        pend.heads[view.layer] = view.num_heads
 
     def _update_block(self, block: Block, pend: Pending) -> None:
         mass = add_received(block, pend)

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ..engine.block import Block
+from ..engine.block import Block, QKView
+from ..engine.fused import band_probability
 from ..errors import ProbeError
 from .head import HeadMeanProbe
 
@@ -35,6 +36,9 @@ class WaadProbe(HeadMeanProbe):
     window: int = 10
 
     name = "waad"
+    #: sum_j A_ij min(|i - j|, W) = W - sum_{|i - j| < W} A_ij (W - |i - j|): the band of keys closer than W,
+    #: each exp(s_ij - lse_i), so the engine may run the call with one fused kernel (headmap.engine.fused)
+    fused = True
 
     def __post_init__(self) -> None:
         w = self.window
@@ -59,3 +63,13 @@ class WaadProbe(HeadMeanProbe):
         near = torch.matmul(band, weight).to(torch.float64)
         values = w * probs.sum(dim=-1).to(torch.float64) - near  # [B, H, bq]
         return values, block.query_valid
+
+    def update_fused(self, view: QKView) -> None:
+        w = min(self.window, view.key.shape[2])  # lags of W or more reach no key inside the call
+        lags = list(range(0 if view.is_causal else -(w - 1), w))
+        band = band_probability(view, lags)  # [B, H, Tq, band]
+        lag_t = torch.arange(lags[0], w, device=band.device)  # made on the device: no host-to-device copy
+        weight = (self.window - lag_t.abs()).to(band.dtype)
+        near = torch.matmul(band, weight).to(torch.float64)
+        # every row of a plain call sums to 1 over the keys it sees (no sink logit, no hidden row)
+        self._add_rows(view.tower, view.layer, view.num_kv_heads, self.window - near, view.query_valid)
