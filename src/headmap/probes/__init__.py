@@ -8,7 +8,7 @@ from ..errors import ProbeError
 from ..specs import parse_options, split_top
 from .attention_maps import AttentionMapsProbe
 from .base import Needs, Probe, supports_state
-from .cross_alignment import CrossAlignmentProbe, encoder_decoder_probe_names
+from .cross_alignment import CrossAlignmentProbe
 from .duplicate_token import DuplicateTokenProbe
 from .entropy import EntropyProbe
 from .fai import FaiProbe
@@ -107,6 +107,13 @@ def default_probe_names(causal: bool) -> list[str]:
     Encoders get no probe that ``needs.causal`` (and so no generation probe).
     """
     return [name for name, cls in PROBES.items() if cls.needs.default and (causal or not cls.needs.causal)]
+
+
+def encoder_decoder_probe_names() -> list[str]:
+    """The default probe set of an encoder-decoder scan: every default probe that keys its sums by tower
+    (``tower_aware``) and reads any corpus (encoder-decoders get no causal-only probe), then ``cross_alignment``."""
+    names = [n for n in default_probe_names(False) if PROBES[n].tower_aware and PROBES[n].needs.corpus is None]
+    return [*names, CrossAlignmentProbe.name] if CrossAlignmentProbe.name not in names else names
 
 
 __all__ = [

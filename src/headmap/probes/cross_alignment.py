@@ -32,15 +32,6 @@ from .base import Needs, Probe
 from .head import HeadStats
 
 
-def encoder_decoder_probe_names() -> list[str]:
-    """The default probe set of an encoder-decoder scan: every default probe that keys its sums by tower
-    (``tower_aware``) and reads any corpus (encoder-decoders get no causal-only probe), then ``cross_alignment``."""
-    from . import PROBES, default_probe_names
-
-    names = [n for n in default_probe_names(False) if PROBES[n].tower_aware and PROBES[n].needs.corpus is None]
-    return [*names, CrossAlignmentProbe.name] if CrossAlignmentProbe.name not in names else names
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman's rho of two 1-D arrays (mean ranks for ties); NaN when either is constant or n < 2."""
     if len(x) < 2:
