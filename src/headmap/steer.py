@@ -150,30 +150,32 @@ def _processor(loaded: Any) -> Any:
         return processor_for(loaded)
     except CorpusError:
         model_type = getattr(loaded.model.config, "model_type", "?")
+        given = "pass its processor as tokenizer=, " if loaded.source == "object" else ""
         raise CorpusError(
             f"model {loaded.model_id} ({model_type}) has no image processor, so it cannot read --image or an image "
-            "--corpus (it reads text only, or its folder lacks the processor files); steer it with --prompt alone, "
-            "or use a vision-language model"
+            f"--corpus (it reads text only, or its folder lacks the processor files); {given}steer it with --prompt "
+            "alone, or use a vision-language model"
         ) from None
 
 
 def _check_spans(objs: list[Edit], ids: list[int], where: str) -> None:
     """Spans of edits on a processor's input (image tokens included): ``span=image`` or token positions that
-    fit it; a span of prompt text is refused (its tokens sit after the chat template and the image tokens)."""
-    from .edits.span import SpanEdit
+    fit it; a span of prompt text is refused (its tokens sit after the chat template and the image tokens).
+    Read from the edits' ``span=`` parameter (docs/steering.md, "Spans"), whatever their class."""
     from .errors import EditError
 
     for edit in objs:
-        if not isinstance(edit, SpanEdit) or edit.is_image_span:
+        span = getattr(edit, "span", None)
+        if span is None or getattr(edit, "is_image_span", False):
             continue
-        if isinstance(edit.span, str):
+        if isinstance(span, str):
             raise EditError(
-                f"{edit.label}: span {edit.span!r} is text, which headmap steer locates in a text prompt only; on "
+                f"{edit.label}: span {span!r} is text, which headmap steer locates in a text prompt only; on "
                 "an image input give span=image or [start, end] token positions of the processor's input"
             )
-        if edit.span[1] > len(ids):
+        if isinstance(span, tuple) and len(span) == 2 and span[1] > len(ids):
             raise EditError(
-                f"{edit.label}: span [{edit.span[0]}, {edit.span[1]}] is outside {where}, which has {len(ids)} "
+                f"{edit.label}: span [{span[0]}, {span[1]}] is outside {where}, which has {len(ids)} "
                 "tokens with its image tokens"
             )
 

@@ -3,6 +3,7 @@ input of an image corpus) without and with attention edits, side by side."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -79,8 +80,10 @@ def steer(
 
     if corpus is not None and (prompt is not None or image):
         raise OptionError("give either --corpus or --prompt (with --image), not both")
-    if corpus is None and prompt is None:
-        raise OptionError("give --prompt TEXT (with --image PATH for a vision-language model) or --corpus")
+    if corpus is None and prompt is None:  # typer's usage message, as when --prompt was a required option
+        # click's exceptions as typer uses them (its own copy of click, or click): main() shows the usage
+        missing = sys.modules[typer.BadParameter.__module__].MissingParameter
+        raise missing(param_type="option", param_hint="'--prompt'")
     if limit is not None and corpus is None:
         raise OptionError("--limit counts the inputs of --corpus; with --prompt leave it out")
     common = {
