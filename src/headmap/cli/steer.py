@@ -1,7 +1,9 @@
-"""``headmap steer``: the greedy generation of a prompt without and with attention edits, side by side."""
+"""``headmap steer``: the greedy generation of a prompt (with pictures for a vision-language model, or of each
+input of an image corpus) without and with attention edits, side by side."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,13 +30,32 @@ EDIT_HELP = (
 @app.command()
 def steer(
     edit: Annotated[list[str], typer.Option("--edit", help=EDIT_HELP)],
-    prompt: Annotated[str, typer.Option(help="the text to continue")],
+    prompt: Annotated[
+        str | None, typer.Option(help="the text to continue (with --image: the text after the pictures)")
+    ] = None,
     model: Annotated[
         str | None,
         typer.Argument(
-            help="hub id, local folder, .gguf file, or built-in name: smollm2 (default); a causal language model"
+            help="hub id, local folder, .gguf file, or built-in name: smollm2 (default); a causal language model "
+            "or a vision-language model"
         ),
     ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image",
+            help="a picture (PNG, JPEG, ...) for a vision-language model, put before --prompt by the model's "
+            "processor with its chat template; repeat for several",
+        ),
+    ] = None,
+    corpus: Annotated[
+        str | None,
+        typer.Option(
+            help="an image corpus whose inputs are steered one by one instead of --prompt: shapes[:size=N] or a "
+            'JSONL file of {"image": "a.png", "text": "..."} lines'
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="with --corpus: steer its first N inputs")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (greedy)")] = 30,
     atlas: Annotated[
         Path | None, typer.Option(help='run folder of headmap scan, for heads rules such as "top 5% retrieval"')
@@ -45,35 +66,55 @@ def steer(
     max_memory: MaxMemory = None,
     offload_folder: OffloadFolder = None,
 ) -> None:
-    """Generate greedily from --prompt without and with the --edit edits, and print both side by side.
+    """Generate greedily from --prompt (with --image pictures, or from each input of an image --corpus)
+    without and with the --edit edits, and print both side by side.
 
     Both runs use the headmap engine, so the edits are the only difference. Bad edits (a layer or head the
     model does not have, a negative, NaN or infinite factor, a span not in the prompt, an unknown name or
-    parameter) get one line and exit code 2 before anything is generated.
+    parameter, an edit of image tokens on a prompt without an image) and bad inputs (a missing or unreadable
+    picture, --image on a model without an image processor) get one line and exit code 2 before anything is
+    generated.
     """
-    from ..steer import compare
+    from ..errors import OptionError
+    from ..steer import compare, compare_corpus
 
-    result = compare(
-        model,
-        edit,
-        prompt,
-        max_new_tokens=max_new_tokens,
-        atlas=atlas,
-        dtype=dtype,
-        device=device,
+    if corpus is not None and (prompt is not None or image):
+        raise OptionError("give either --corpus or --prompt (with --image), not both")
+    if corpus is None and prompt is None:  # typer's usage message, as when --prompt was a required option
+        # click's exceptions as typer uses them (its own copy of click, or click): main() shows the usage
+        missing = sys.modules[typer.BadParameter.__module__].MissingParameter
+        raise missing(param_type="option", param_hint="'--prompt'")
+    if limit is not None and corpus is None:
+        raise OptionError("--limit counts the inputs of --corpus; with --prompt leave it out")
+    common = {
+        "max_new_tokens": max_new_tokens,
+        "atlas": atlas,
+        "dtype": dtype,
+        "device": device,
         **placement(device_map, max_memory, offload_folder),
-    )
-    console.print(f"[bold]{result.model_id}[/]", highlight=False)
-    for line in result.edits:
+    }
+    if corpus is not None:
+        results = compare_corpus(model, edit, corpus, limit=limit, **common)
+    else:
+        results = [compare(model, edit, prompt, images=image or None, **common)]
+    first = results[0]
+    console.print(f"[bold]{first.model_id}[/]", highlight=False)
+    for line in first.edits:
         console.print(f"edit: {line}", highlight=False, markup=False)
-    console.print(f"prompt: {result.prompt}", highlight=False, markup=False)
-    table = Table(show_lines=True)
-    table.add_column("without edits", overflow="fold", ratio=1)
-    table.add_column("with edits", overflow="fold", ratio=1)
-    table.add_row(visible(result.without), visible(result.steered))
-    console.print(table)
-    if result.identical:
-        console.print("the edits did not change the greedy generation")
+    for result in results:
+        if result.item is not None:
+            known = f" (known answer: {result.answer})" if result.answer is not None else ""
+            console.print(f"input: {result.item}{known}", highlight=False, markup=False)
+        for path in result.images:
+            console.print(f"image: {path}", highlight=False, markup=False)
+        console.print(f"prompt: {result.prompt}", highlight=False, markup=False)
+        table = Table(show_lines=True)
+        table.add_column("without edits", overflow="fold", ratio=1)
+        table.add_column("with edits", overflow="fold", ratio=1)
+        table.add_row(visible(result.without), visible(result.steered))
+        console.print(table)
+        if result.identical:
+            console.print("the edits did not change the greedy generation")
 
 
 def visible(text: str) -> Text:
