@@ -26,6 +26,8 @@ kills it when its RSS passes the limit, and ``--timeout``. A child killed by the
     .venv/bin/python bench/engine.py --lengths 1024 4096 --modes sdpa headmap --json out.json
     .venv/bin/python bench/engine.py --profile torch --modes headmap --lengths 4096
     .venv/bin/python bench/engine.py --device cuda --shape llama8b --dtype bfloat16 --lengths 4096 32768
+    .venv/bin/python bench/engine.py --shape qwen2vl2b --layers 8 --vision-layers 8 --lengths 4096 \
+        --modes sdpa eager headmap blocks --threads 1 --logits-to-keep 1   # Qwen2-VL-2B widths, 1,024 image tokens
 """
 
 from __future__ import annotations
