@@ -29,6 +29,8 @@ kills it when its RSS passes the limit, and ``--timeout``. A child killed by the
     .venv/bin/python bench/engine.py --lengths 1024 4096 --modes sdpa headmap --json out.json
     .venv/bin/python bench/engine.py --profile torch --modes headmap --lengths 4096
     .venv/bin/python bench/engine.py --device cuda --shape llama8b --dtype bfloat16 --lengths 4096 32768
+    .venv/bin/python bench/engine.py --shape qwen2vl2b --layers 8 --vision-layers 8 --lengths 4096 \
+        --modes sdpa eager headmap blocks --threads 1 --logits-to-keep 1   # Qwen2-VL-2B widths, 1,024 image tokens
 """
 
 from __future__ import annotations
@@ -92,6 +94,176 @@ SHAPES = {
 }
 
 
+@dataclass(frozen=True)
+class VLMShape(Shape):
+    """A vision-language model (Qwen2-VL): the language model's fields are Shape's (``layers`` etc. are the
+    text model's), plus a vision tower of ``vision_layers`` blocks (width ``vision_d``, ``vision_heads``
+    heads, MLP ``vision_mlp_ratio`` x width) on ``patch`` x ``patch`` x ``temporal_patch`` patches merged
+    ``merge`` x ``merge`` into one image token. ``image_tokens`` (merged, a square number) of the sequence of
+    length T are one image; the other T - image_tokens are text (the vision start and end markers included)."""
+
+    vision_layers: int = 32
+    vision_d: int = 1280
+    vision_heads: int = 16
+    vision_mlp_ratio: int = 4
+    patch: int = 14
+    temporal_patch: int = 2
+    merge: int = 2
+    mrope_section: tuple = (16, 24, 24)
+    rope_theta: float = 1000000.0
+    image_tokens: int = 1024
+
+    def vision_params(self) -> int:
+        e, m = self.vision_d, self.vision_mlp_ratio * self.vision_d
+        per_layer = 3 * e * e + 3 * e + e * e + e + 2 * e * m + m + e + 4 * e  # qkv, proj, mlp, 2 norms
+        patch = 3 * self.temporal_patch * self.patch * self.patch * e
+        me = e * self.merge**2
+        merger = 2 * e + me * me + me + me * self.d_model + self.d_model
+        return patch + self.vision_layers * per_layer + merger
+
+    def params(self, n_positions: int) -> int:
+        return super().params(n_positions) + self.vision_params()
+
+
+# Qwen2-VL-2B-Instruct's config.json: text 28 layers, hidden 1536, 12 heads (head dim 128), 2 kv heads, MLP 8960,
+# vocab 151936, tied embeddings, rope theta 1e6, mrope sections [16, 24, 24]; vision 32 blocks, embed 1280,
+# 16 heads, mlp_ratio 4, patch 14, temporal patch 2, spatial merge 2 (merger out = 1536). 2.2B parameters.
+SHAPES["qwen2vl2b"] = VLMShape(
+    "qwen2_vl", 28, 12, 2, 1536, 8960, 151936, "float32", tied=True, vision_layers=32, vision_d=1280, vision_heads=16
+)
+# Qwen2-VL's special ids (vision start / end, image pad); random text ids are drawn below them
+QWEN_VISION_START, QWEN_VISION_END, QWEN_IMAGE = 151652, 151653, 151655
+QWEN_TEXT_IDS = 151643
+
+
+def resolve_shape(args: argparse.Namespace) -> Shape:
+    """The shape of --shape with --layers / --vision-layers / --image-tokens applied."""
+    import dataclasses
+
+    shape = SHAPES[args.shape]
+    over = {}
+    if getattr(args, "layers", None):
+        over["layers"] = args.layers
+    if isinstance(shape, VLMShape):
+        if getattr(args, "vision_layers", None):
+            over["vision_layers"] = args.vision_layers
+        if getattr(args, "image_tokens", None):
+            over["image_tokens"] = args.image_tokens
+    return dataclasses.replace(shape, **over) if over else shape
+
+
+def build_vlm_config(shape: VLMShape, n_positions: int, dtype: str):
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=shape.vocab,
+            hidden_size=shape.d_model,
+            intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+            num_key_value_heads=shape.kv_heads,
+            max_position_embeddings=max(n_positions, 128),
+            rope_parameters=dict(
+                rope_type="default", rope_theta=shape.rope_theta, mrope_section=list(shape.mrope_section)
+            ),
+            tie_word_embeddings=shape.tied,
+            dtype=dtype,
+        ),
+        vision_config=dict(
+            depth=shape.vision_layers,
+            embed_dim=shape.vision_d,
+            hidden_size=shape.d_model,
+            num_heads=shape.vision_heads,
+            mlp_ratio=shape.vision_mlp_ratio,
+            in_channels=3,
+            patch_size=shape.patch,
+            spatial_merge_size=shape.merge,
+            temporal_patch_size=shape.temporal_patch,
+        ),
+        image_token_id=QWEN_IMAGE,
+        vision_start_token_id=QWEN_VISION_START,
+        vision_end_token_id=QWEN_VISION_END,
+        tie_word_embeddings=shape.tied,
+        dtype=dtype,
+    )
+
+
+def vlm_inputs(shape: VLMShape, T: int, image_tokens: int, seed: int = 1234) -> dict:
+    """One Qwen2-VL input of length T, built by hand (no processor): 8 text tokens, the vision start marker,
+    ``image_tokens`` image placeholders, the vision end marker, then text to length T. ``pixel_values`` (one
+    image of (2 s) x (2 s) patches for s = sqrt(image_tokens) and merge 2: [t*h*w, 3 * 2 * 14 * 14], what
+    the processor hands the vision tower) are torch.randn under ``seed``; ``image_grid_thw`` = [[1, h, w]]."""
+    import torch
+
+    side = math.isqrt(image_tokens)
+    if side * side != image_tokens:
+        raise ValueError(f"image_tokens must be a square number, got {image_tokens}")
+    prefix = 8
+    if T < prefix + image_tokens + 3:
+        raise ValueError(f"T={T} leaves no text after {image_tokens} image tokens")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, QWEN_TEXT_IDS, (1, T), generator=gen)
+    ids[0, prefix] = QWEN_VISION_START
+    ids[0, prefix + 1 : prefix + 1 + image_tokens] = QWEN_IMAGE
+    ids[0, prefix + 1 + image_tokens] = QWEN_VISION_END
+    h = w = side * shape.merge
+    patch_dim = 3 * shape.temporal_patch * shape.patch * shape.patch
+    pixels = torch.randn(h * w, patch_dim, generator=gen)
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=pixels,
+        image_grid_thw=torch.tensor([[1, h, w]]),
+        mm_token_type_ids=(ids == QWEN_IMAGE).int(),  # 1 = image token: the multimodal rotary positions read it
+    )
+
+
+def build_vlm(shape: VLMShape, args: argparse.Namespace, impl: str, dtype) -> tuple:
+    """(model, inputs at T, warm-up inputs: 128 tokens with a 4-token image) for a VLM shape."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    config = build_vlm_config(shape, args.n_positions, args.dtype)
+    with torch.device(args.device):
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation=impl, dtype=dtype)
+
+    def move(d: dict) -> dict:
+        return {k: (v.to(dtype) if k == "pixel_values" else v).to(args.device) for k, v in d.items()}
+
+    inputs = move(vlm_inputs(shape, args.T, shape.image_tokens))
+    warm = move(vlm_inputs(shape, min(WARMUP_T, args.T), 4, seed=99))
+    return model.eval(), inputs, warm
+
+
+def estimate_vlm_bytes(
+    shape: VLMShape, mode: str, T: int, dtype: str, budget_bytes: int, n_positions: int, logits_to_keep: int
+) -> int:
+    """The text model's estimate at T plus the vision tower's: its live activations over the image's
+    patches (4 per image token) and, in eager mode, its [heads, P, P] logits, softmax and copy at once
+    (eager keeps no vision attentions: output_attentions returns the text layers only)."""
+    b = dtype_bytes(dtype)
+    text = estimate_bytes(
+        Shape(*(getattr(shape, f) for f in Shape.__dataclass_fields__)),
+        mode,
+        T,
+        dtype,
+        budget_bytes,
+        n_positions,
+        logits_to_keep,
+    )
+    P = shape.image_tokens * shape.merge**2
+    e = shape.vision_d
+    vision = shape.vision_params() * b + P * (6 * e + 2 * shape.vision_mlp_ratio * e) * b
+    if mode == "eager":
+        vision += 3 * shape.vision_heads * P * P * 4
+    elif mode == "sdpa":
+        vision += 4 * shape.vision_heads * P * (e // shape.vision_heads) * b
+    else:
+        vision += 5 * budget_bytes + 4 * shape.vision_heads * P * (e // shape.vision_heads) * b
+    return int(text + vision)
+
+
 def build_config(shape: Shape, n_positions: int, dtype: str):
     if shape.family == "gpt2":
         from transformers import GPT2Config
@@ -132,6 +304,8 @@ def estimate_bytes(
     shape: Shape, mode: str, T: int, dtype: str, budget_bytes: int, n_positions: int, logits_to_keep: int
 ) -> int:
     """Rough peak of one child: weights + residual stream/MLP temporaries + logits + attention."""
+    if isinstance(shape, VLMShape):
+        return estimate_vlm_bytes(shape, mode, T, dtype, budget_bytes, n_positions, logits_to_keep)
     b = dtype_bytes(dtype)
     H, L = shape.heads, shape.layers
     weights = shape.params(n_positions) * b
@@ -214,7 +388,7 @@ def run_child(args: argparse.Namespace) -> dict:
 
     hf_logging.set_verbosity_error()
     cuda = args.device.startswith("cuda")
-    shape = SHAPES[args.shape]
+    shape = resolve_shape(args)
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,16 +397,20 @@ def run_child(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
 
     impl = "eager" if args.mode == "eager" else "sdpa"
-    config = build_config(shape, args.n_positions, args.dtype)
     t0 = time.perf_counter()
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
+    if isinstance(shape, VLMShape):  # inputs are dicts: ids, pixel values, grid, token types
+        model, input_ids, warm_ids = build_vlm(shape, args, impl, dtype)
+    else:
+        config = build_config(shape, args.n_positions, args.dtype)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
     model.eval()
     build_s = time.perf_counter() - t0
 
-    gen = torch.Generator().manual_seed(1234)
-    input_ids = torch.randint(0, shape.vocab, (1, args.T), generator=gen).to(args.device)
-    warm_ids = input_ids[:, : min(WARMUP_T, args.T)]
+    if not isinstance(shape, VLMShape):
+        gen = torch.Generator().manual_seed(1234)
+        input_ids = torch.randint(0, shape.vocab, (1, args.T), generator=gen).to(args.device)
+        warm_ids = input_ids[:, : min(WARMUP_T, args.T)]
     kwargs = {"use_cache": False, "logits_to_keep": args.logits_to_keep}
     if args.mode == "eager":
         kwargs["output_attentions"] = True
@@ -242,7 +420,7 @@ def run_child(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     def forward(ids):
-        out = model(ids, **kwargs)
+        out = model(**ids, **kwargs) if isinstance(ids, dict) else model(ids, **kwargs)
         if args.mode == "eager":
             attn = out.attentions
             assert attn is not None and len(attn) == shape.layers, "eager returned no attentions"
@@ -369,13 +547,14 @@ def profile_forward(kind: str, forward, input_ids):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU]
-    if input_ids.is_cuda:
+    ids = input_ids["input_ids"] if isinstance(input_ids, dict) else input_ids  # a VLM's inputs are a dict
+    if ids.is_cuda:
         acts.append(ProfilerActivity.CUDA)
     t0 = time.perf_counter()
     with profile(activities=acts, record_shapes=True, profile_memory=True) as prof:
         out = forward(input_ids)
     dt = time.perf_counter() - t0
-    sort = "self_cuda_time_total" if input_ids.is_cuda else "self_cpu_time_total"
+    sort = "self_cuda_time_total" if ids.is_cuda else "self_cpu_time_total"
     text = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=40)
     text += "\n\nby input shape:\n" + prof.key_averages(group_by_input_shape=True).table(
         sort_by=sort, row_limit=15, max_name_column_width=40, max_shapes_column_width=60
@@ -441,6 +620,7 @@ def run_one(args: argparse.Namespace, mode: str, T: int, rss_limit: int) -> Row:
         "--budget-mib",
         str(args.budget_mib or 0),
     ]
+    cmd += vlm_child_flags(args)
     if args.profile:
         cmd += ["--profile", args.profile]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
@@ -738,6 +918,53 @@ def check_targets(rows: list[Row], lengths: list[int]) -> list[str]:
     return lines
 
 
+def add_vlm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=int, default=None, help="override the shape's (text) layer count")
+    p.add_argument("--vision-layers", type=int, default=None, help="a VLM shape: override its vision blocks")
+    p.add_argument(
+        "--image-tokens",
+        type=int,
+        default=None,
+        help="a VLM shape: merged image tokens of its one image (a square number; default 1024); "
+        "T counts them, the rest of T is text",
+    )
+
+
+def check_vlm_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    vlm = isinstance(SHAPES[args.shape], VLMShape)
+    for name in ("layers", "vision_layers", "image_tokens"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not vlm and (args.vision_layers or args.image_tokens):
+        p.error(f"--vision-layers and --image-tokens need a VLM shape (--shape {args.shape} has no image)")
+    if vlm:
+        n = resolve_shape(args).image_tokens
+        if math.isqrt(n) ** 2 != n:
+            p.error(f"--image-tokens must be a square number (one square image), got {n}")
+        short = [T for T in (args.lengths if not args._child else [args.T]) if T < n + 11]
+        if short:
+            p.error(f"lengths {short} leave no text beside {n} image tokens (T counts text and image tokens)")
+
+
+def vlm_child_flags(args: argparse.Namespace) -> list[str]:
+    out = []
+    for name in ("layers", "vision_layers", "image_tokens"):
+        if getattr(args, name, None):
+            out += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return out
+
+
+def vlm_header(shape: VLMShape) -> str:
+    side = math.isqrt(shape.image_tokens) * shape.merge
+    return (
+        f"VLM ({shape.family}): vision tower {shape.vision_layers} blocks x {shape.vision_heads} heads, "
+        f"d={shape.vision_d}, patch {shape.patch}, merge {shape.merge}; one image of grid [1, {side}, {side}] = "
+        f"{side * side} patches -> {shape.image_tokens} image tokens; T counts them, the rest is text "
+        f"(vision start/end markers included); {shape.params(0) / 1e9:.2f}B parameters"
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
@@ -752,6 +979,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default: the shape's (gpt2 float32, llama8b bfloat16)",
     )
     p.add_argument("--shape", choices=sorted(SHAPES), default="gpt2")
+    add_vlm_args(p)
     p.add_argument("--n-positions", type=int, default=None, help="default: max(--lengths)")
     p.add_argument(
         "--logits-to-keep",
@@ -788,6 +1016,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = SHAPES[args.shape].default_dtype
+    check_vlm_args(p, args)
     if args.n_positions is None:
         args.n_positions = max(args.lengths if not args._child else [args.T])
     args.mem_limit_explicit = args.mem_limit_gib is not None
@@ -805,7 +1034,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
-    shape = SHAPES[args.shape]
+    shape = resolve_shape(args)
     cuda = args.device.startswith("cuda")
     limit, rss_limit = memory_limits(args)
     if args.shape == "llama8b" and not cuda:
@@ -832,6 +1061,8 @@ def main(argv: list[str] | None = None) -> None:
         changed = source["uncommitted"]
         state = f" (git {source['commit']}" + (f", uncommitted: {', '.join(changed)})" if changed else ", clean)")
     print(f"headmap under test: {source['package']}{state}", flush=True)
+    if isinstance(shape, VLMShape):
+        print(vlm_header(shape), flush=True)
     rows: list[Row] = []
     t_start = time.perf_counter()
     for T in lengths:
