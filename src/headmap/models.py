@@ -484,6 +484,19 @@ def _check_tokenizer_files(folder: Path) -> None:
             _read_json(folder / name, f"the model's own {name}")
 
 
+def pixel_tokenizer() -> Any:
+    """The stand-in tokenizer of a vision encoder saved without one (it reads ``pixel_values`` only): every
+    word is token 0, so that an image corpus's text can be read and then dropped when the encoder's image
+    processor prepares the pictures (headmap.scan.images), and a text corpus is refused there by name."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
+
+
 def _load_folder(path: Path, dtype: torch.dtype | None, placement: DevicePlacement | None = None, **kw: Any):
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoTokenizer
@@ -518,6 +531,10 @@ def _load_folder(path: Path, dtype: torch.dtype | None, placement: DevicePlaceme
     from .engine import check_supported
 
     check_supported(model)  # before the tokenizer: say the important thing first
+    if getattr(model, "main_input_name", None) == "pixel_values" and not any(
+        (path / name).is_file() for name in TOKENIZER_FILES
+    ):
+        return model, pixel_tokenizer()  # a vision encoder alone (ViT, CLIP or SigLIP vision): it reads no text
     _check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)

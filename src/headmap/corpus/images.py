@@ -213,6 +213,40 @@ def prepare_images(
     return Corpus(name or corpus.name, samples, desc)
 
 
+def prepare_pixels(corpus: Corpus, image_processor: Any, model: Any, name: str | None = None) -> Corpus:
+    """The image corpus as the inputs of a vision encoder alone (ViT, CLIP or SigLIP vision): each sample's
+    one picture prepared by ``image_processor`` into ``info["model_inputs"]["pixel_values"]``; its text is
+    not read. ``ids`` stand for the encoder's tokens (the patches, and the class token where the model has
+    one), so that a batch's width and the corpus's token count are the encoder's."""
+    config = getattr(model, "config", None)
+    patch = getattr(config, "patch_size", None)
+    embeddings = getattr(model, "embeddings", None) or getattr(getattr(model, "vision_model", None), "embeddings", None)
+    cls = int(any(hasattr(embeddings, n) for n in ("cls_token", "class_embedding")))
+    samples: list[Sample] = []
+    for index, sample in enumerate(corpus.samples):
+        info = dict(sample.info or {})
+        pictures = images_of(info)
+        if len(pictures) != 1:
+            raise CorpusError(
+                f"input {index} of corpus '{corpus.name}' has {len(pictures)} images; a vision encoder reads one "
+                "image per input: give each JSONL line one image"
+            )
+        try:
+            made = image_processor(images=pictures, return_tensors="pt")
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+            raise CorpusError(
+                f"input {index} of corpus '{corpus.name}': the model's image processor cannot prepare it ({exc})"
+            ) from None
+        pixels = made["pixel_values"]
+        height, width = pixels.shape[-2:]
+        tokens = (height // patch) * (width // patch) + cls if isinstance(patch, int) and patch > 0 else 1
+        info["model_inputs"] = {"pixel_values": pixels}
+        samples.append(Sample([0] * tokens, info))
+    desc = dict(corpus.description)
+    desc.update({"tokens": sum(len(s.ids) for s in samples), "processor": type(image_processor).__name__})
+    return Corpus(name or corpus.name, samples, desc)
+
+
 def collate(samples: Sequence[Sample], width: int, left_pad: bool, device: Any) -> dict[str, torch.Tensor]:
     """The processor tensors of a batch's inputs, for the model: per-token tensors ([1, T]) padded with 0
     like the ids to ``width``, every other tensor concatenated along its first axis."""

@@ -83,7 +83,8 @@ class Forward:
         if self.positions and "image_grid_thw" not in batch.inputs:
             extra["position_ids"] = position_ids(batch.attention_mask)
         extra.update(batch.inputs)  # an image corpus: pixel_values and what else the processor made
-        if "input_features" in batch.inputs:  # audio: the encoder reads features, the ids are the decoder's
+        # audio: the encoder reads features, the ids are the decoder's; a vision encoder alone reads pixels only
+        if "input_features" in batch.inputs or getattr(self.model, "main_input_name", None) == "pixel_values":
             return self.capture.run(group.probes, lambda: self.model(**extra))
         ids, mask = batch.input_ids, batch.attention_mask
         return self.capture.run(group.probes, lambda: self.model(input_ids=ids, attention_mask=mask, **extra))
