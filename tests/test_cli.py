@@ -10,29 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
-from headmap import cli
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("headmap: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
+from cli_runner import assert_one_line_error, run
 
 
 @pytest.fixture

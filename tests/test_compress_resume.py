@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_presses_cli import one_line_error, run
+from cli_runner import run
+from test_presses_cli import one_line_error
 
 from headmap.cli import compress as cc
 

@@ -11,7 +11,6 @@ every bad input as one line and exit code 2.
 from __future__ import annotations
 
 import json
-import sys
 import wave
 from pathlib import Path
 
@@ -20,10 +19,10 @@ import pandas as pd
 import pytest
 import torch
 from bounds import eager_bound
+from cli_runner import assert_one_line_error, run
 from mm_models import save_seq2seq
 
 import headmap
-from headmap import cli
 from headmap.corpus import load_corpus, pad_batch
 from headmap.corpus.audio import read_wav, resample, tones_items, write_wav
 from headmap.corpus.pairs import collate_seq2seq, prepare_seq2seq, teacher_forced
@@ -34,26 +33,6 @@ PAIRS = [
     {"source": "the dog ran", "target": "le chien a couru"},
     {"source": "translate : the cat", "target": "le chat"},
 ]
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("headmap: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_cli import assert_one_line_error, run
+from cli_runner import assert_one_line_error, run
 from test_distributed_eval import EDIT, assert_same_eval, eval_args, one_process, task_file  # noqa: F401
 from test_distributed_scan import TIMEOUT_S, finish, torchrun
 

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 import torch
+from cli_runner import assert_one_line_error, run
 from conftest import minilm_dir
-from test_cli import assert_one_line_error, run
 
 
 def _save(folder, model) -> str:

@@ -12,7 +12,7 @@ import shutil
 
 import pandas as pd
 import pytest
-from test_cli import assert_one_line_error, run
+from cli_runner import assert_one_line_error, run
 from tiny_models import tiny
 
 from headmap.explain import IntegratedGradients

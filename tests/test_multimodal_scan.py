@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,10 @@ import pandas as pd
 import pytest
 import torch
 from bounds import eager_bound
+from cli_runner import assert_one_line_error, run
 from mm_models import IMAGE_TOKEN, save_llava
 
 import headmap
-from headmap import cli
 from headmap.atlas import Atlas, main_tower
 from headmap.corpus import load_corpus, pad_batch, prepare_images, shapes_items
 from headmap.corpus.images import collate
@@ -30,26 +29,6 @@ from headmap.probes import SinkProbe
 from headmap.scan.distributed import merge_states
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torchvision.*")
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("headmap: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")

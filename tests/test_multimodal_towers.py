@@ -13,17 +13,16 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_runner import run
 from mm_models import BY_NAME, save_llava
 
 import headmap
-from headmap import cli
 from headmap.atlas import Atlas, towers_of
 from headmap.edits import Ablate, Edit, make_edits, parse_edit, spec_parameters
 from headmap.engine.towers import language_tower, model_towers
@@ -261,17 +260,6 @@ def test_a_heads_rule_reads_the_rows_of_the_edits_tower(llava_dir):
 # --------------------------------------------------------------------------------------------
 # 3. vision_aware inside headmap scan
 # --------------------------------------------------------------------------------------------
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _direct_vision_aware(llava_dir: Path, limit: int, batch: int) -> pd.DataFrame:

@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pandas as pd
 import pytest
-
-from headmap import cli
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from cli_runner import run
 
 
 def one_line_error(code: int, err: str, *needles: str) -> None:

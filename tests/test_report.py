@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import synthetic_atlas
 from bounds import U64, reorder
+from cli_runner import assert_only_error_line as assert_one_line_error
 from synthetic_atlas import EVIL, EVIL_FILE, EVIL_MODEL, make_atlas
 
 from headmap import cli
@@ -275,14 +276,6 @@ def test_report_command(monkeypatch, capsys, tmp_path):
     # a scan with --overwrite replaces the stale report of the run it replaces
     make_atlas(evil=False).save(run, overwrite=True)
     assert not (run / "report.html").exists()
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("headmap: error:"), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_report_command_bad_input(monkeypatch, capsys, tmp_path):

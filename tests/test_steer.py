@@ -5,7 +5,6 @@ observing (an atlas measured while edits are on measures the edited attention), 
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,10 @@ import pytest
 import tiny_models
 import torch
 from bounds import TINY_EAGER
+from cli_runner import assert_only_error_line as assert_one_line_error
+from cli_runner import run
 
 import headmap
-from headmap import cli
 from headmap.corpus import Corpus, Sample
 from headmap.edits import Ablate, ScaleFirstToken, Temperature
 from headmap.errors import EditError
@@ -120,17 +120,6 @@ def test_compare_equals_steer_around_generate(tiny_llama_dir):
     assert out[0, enc["input_ids"].shape[1] :].tolist() == result.steered_ids
 
 
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_cli_prints_both_generations(monkeypatch, capsys, tiny_llama_dir):
     code, out, err = run(
         monkeypatch,
@@ -175,14 +164,6 @@ def test_cli_heads_rule_reads_the_atlas(monkeypatch, capsys, tiny_llama_dir, tmp
     assert code == 0, err
     names = sorted(f"L{int(r.layer)}H{int(r.head)}" for r in top.itertuples())
     assert f"2 heads (top 2 sink): {', '.join(names)}" in out
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("headmap: error:"), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(

@@ -9,41 +9,20 @@ from transformers' classes, so they load like real checkpoints (as in tests/test
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import assert_one_line_error, run
 from mm_models import IMAGE_TOKEN, save_idefics3, save_llava
 
 import headmap
-from headmap import cli
 from headmap.corpus import shapes_items
 from headmap.steer import compare, compare_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torchvision.*")
 
 PROMPT = "What colour is the square?"
-
-
-def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("headmap: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 from bounds import eager_bound
+from cli_runner import assert_one_line_error, run
 from mm_models import build_clip, build_vit
-from test_multimodal_scan import assert_one_line_error, run
 
 from headmap.corpus import shapes_items
 
