@@ -87,7 +87,7 @@ def child(mode: str, folder: Path, length: int, ratio: float, window: int, repea
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, os.cpu_count() or 1))
     if mode.startswith("reach:"):
         return _reach(mode, folder, length, ratio)
     attn = "eager" if mode == "kv_h2o" else "sdpa"
@@ -435,6 +435,10 @@ def main() -> int:
     parser.add_argument("--reach-eager-max", type=int, default=16384, help="kvpress's largest reach length")
     parser.add_argument("--reach-which", choices=("both", "headmap", "kvpress"), default="both")
     parser.add_argument("--memory-limit-gib", type=float, default=16.0, help="address-space limit of each child")
+    parser.add_argument(
+        "--modes", default=",".join(HEADMAP_MODES),
+        help="headmap's rows of the table, comma-separated (sdpa, the baseline, always runs first)",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--kept", help=argparse.SUPPRESS)
@@ -450,6 +454,10 @@ def main() -> int:
         if why is not None:
             print(f"kvpress 0.5.x cannot be installed offline here: {why}", file=sys.stderr)
             return 3
+    unknown = sorted(set(m for m in args.modes.split(",") if m) - set(HEADMAP_MODES))
+    if unknown:
+        print(f"unknown --modes {', '.join(unknown)}; choose from {', '.join(HEADMAP_MODES)}", file=sys.stderr)
+        return 2
     if args.reach and args.no_kvpress and args.reach_which != "headmap":
         print("--reach runs kvpress's h2o beside headmap's: drop --no-kvpress", file=sys.stderr)
         return 2
@@ -460,7 +468,8 @@ def main() -> int:
         build(folder, longest)
         print(f"CPU, {os.cpu_count()} cores; load average at the start: {os.getloadavg()}", flush=True)
         if not args.no_table:
-            rows = [measure(sys.executable, mode, folder, args, tmp) for mode in HEADMAP_MODES]
+            modes = ["sdpa"] + [m for m in args.modes.split(",") if m and m != "sdpa"]
+            rows = [measure(sys.executable, mode, folder, args, tmp) for mode in modes]
             if not args.no_kvpress:
                 rows += [measure(str(KV_PYTHON), mode, folder, args, tmp) for mode in KVPRESS_MODES]
             print_table(rows, args)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import headmap
+from headmap.probes import SinkProbe
 from headmap.presses import (
     PRESSES,
     PressedLayer,
@@ -190,8 +191,11 @@ def test_ratio_zero_is_the_identity(name, atlas):
     press = small(name, 0.0, atlas)
     reads_engine = press.reads_received or press.reads_window or press.head_wise
     with torch.no_grad():
-        if reads_engine:  # the press runs the engine: the same model under the engine is the reference
-            with headmap.observe(model):
+        if reads_engine:
+            # The press runs the engine, whose plain prefill calls take the fused route (one fused kernel,
+            # its probes read the log-sum-exps) and whose decoding calls take blocks: the same model under
+            # the engine with a fused probe (sink) routes every call the same way and is the reference.
+            with headmap.observe(model, probes=[SinkProbe()]):
                 want = model(ids).logits
                 want_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
         else:
@@ -219,32 +223,89 @@ def test_streaming_window_covering_the_input_is_the_identity_with_a_note():
 
 
 # -- exact scores ---------------------------------------------------------------------------------
+def _scores(model, ids, press):
+    with compress(model, press, record_scores=True) as run, torch.no_grad():
+        model(ids)
+    return run.scores
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
-def test_h2o_and_snapkv_scores_equal_eager_attention(kind):
+def test_h2o_and_snapkv_scores_equal_eager_attention_on_the_block_route(kind):
     # mistral: a 16-token window over 24 tokens, so the sliding pattern shapes the scores
     model = build(kind, **({"sliding_window": 16} if kind == "mistral" else {}))
     t, window, kernel = 24, 6, 3
     ids = ids_of(t)
     att = eager_attentions(model, ids)
     heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
-    for press in (make_press("h2o", ratio=0.5), make_press("snapkv", ratio=0.5, window=window, kernel=kernel)):
-        with compress(model, press, record_scores=True) as run, torch.no_grad():
-            model(ids)
-        assert sorted(run.scores) == [0, 1]
-        for layer, got in run.scores.items():
+    headmap.engine_config.fused = False  # llama's plain prefill would take the fused route (tested below)
+    try:
+        for press in (make_press("h2o", ratio=0.5), make_press("snapkv", ratio=0.5, window=window, kernel=kernel)):
+            scores = _scores(model, ids, press)
+            assert sorted(scores) == [0, 1]
+            for layer, got in scores.items():
+                if press.name == "h2o":
+                    want = brute_h2o(att[layer], heads, kv)
+                    # Each probability comes from a float32 softmax in both routes; they differ by at most
+                    # (D + T) eps relative (the D-term dot product and the T-term normalising sum, each
+                    # rounding once per term). A key's sum over T rows is at most its mass m, so the sums
+                    # differ by at most m (D + T) eps; the engine sums in float64 (no further error).
+                    bound = (want.clamp(min=1.0)) * (8 + t) * EPS32
+                else:
+                    want = brute_snapkv(att[layer], heads, kv, window, kernel)
+                    # a mean of probabilities (each within (D + T) eps relative, all <= 1)
+                    bound = torch.full_like(want, (8 + t) * EPS32)
+                assert got.shape == want.shape
+                assert bool(((got - want).abs() <= bound).all()), float((got - want).abs().max())
+    finally:
+        headmap.engine_config.fused = True
+
+
+def test_h2o_and_snapkv_scores_on_the_fused_route_equal_eager_attention(monkeypatch):
+    """A plain prefill (no padding, causal, no soft cap) runs one fused kernel per layer; h2o's column sums
+    come from one more fused call with queries and keys exchanged, snapkv's rows from exp(s - lse).
+
+    float32, against eager: tests/test_fused.py bounds each fused probability against eager's by
+    tests/bounds.py's eager_bound(T); a column sum adds at most T of them, a snapkv score is a mean of them.
+    float64, against the block route in float64 (eager's softmax is float32 even for a float64 model, so
+    it cannot judge float64): the same chains at float64 rounding."""
+    from bounds import U64, eager_bound, reorder
+
+    from headmap.engine import fused
+
+    kernels = []
+    attend = fused.attend
+    monkeypatch.setattr(fused, "attend", lambda name, *a, **k: kernels.append(name) or attend(name, *a, **k))
+    model = build("llama")
+    t, window, kernel = 24, 6, 3
+    ids = ids_of(t)
+    att = eager_attentions(model, ids)
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    presses = (make_press("h2o", ratio=0.5), make_press("snapkv", ratio=0.5, window=window, kernel=kernel))
+    for press in presses:
+        kernels.clear()
+        scores = _scores(model, ids, press)
+        # per layer the call's own kernel, and for h2o the swapped call
+        assert kernels == ["flash_cpu"] * (2 if press.name == "snapkv" else 4)
+        for layer, got in scores.items():
             if press.name == "h2o":
-                want = brute_h2o(att[layer], heads, kv)
-                # Each probability comes from a float32 softmax in both routes; they differ by at most
-                # (D + T) eps relative (the D-term dot product and the T-term normalising sum, each
-                # rounding once per term). A key's sum over T rows is at most its mass m, so the sums
-                # differ by at most m (D + T) eps; the engine sums in float64 (no further error).
-                bound = (want.clamp(min=1.0)) * (8 + t) * EPS32
+                want, bound = brute_h2o(att[layer], heads, kv), t * eager_bound(t)
             else:
-                want = brute_snapkv(att[layer], heads, kv, window, kernel)
-                # a mean of probabilities (each within (D + T) eps relative, all <= 1)
-                bound = torch.full_like(want, (8 + t) * EPS32)
+                want, bound = brute_snapkv(att[layer], heads, kv, window, kernel), eager_bound(t)
             assert got.shape == want.shape
-            assert bool(((got - want).abs() <= bound).all()), float((got - want).abs().max())
+            assert float((got - want).abs().max()) <= bound
+    model = model.double()
+    for press in presses:
+        kernels.clear()
+        got = _scores(model, ids, press)
+        assert kernels and set(kernels) == {"flash_cpu"}
+        headmap.engine_config.fused = False
+        try:
+            want = _scores(model, ids, press)
+        finally:
+            headmap.engine_config.fused = True
+        for layer in want:
+            bound = (t if press.name == "h2o" else 1) * reorder(t, 8, U64)
+            assert float((got[layer] - want[layer]).abs().max()) <= bound, press.name
 
 
 def test_h2o_counts_only_real_queries_of_a_padded_batch():

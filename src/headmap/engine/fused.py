@@ -218,6 +218,32 @@ def band_probability(view: Any, lags: Any) -> torch.Tensor:
     return torch.stack(out, dim=-1)
 
 
+def rows_mass(view: Any, first: int, chunk: int = 256) -> torch.Tensor:
+    """[B, H, Tk] float64: ``sum_{i >= first} A_ij``, the attention each key receives from the query rows
+    ``first`` to the end of a fused call (the last rows of a prefill), key j included only where row i sees it.
+
+    Each probability is ``exp(scale q_i . k_j - lse_i)`` in the lse's dtype, from one [rows, Tk] product per
+    ``chunk`` rows (O(chunk Tk) memory, no T x T matrix); the sums over rows are float64, as the block route's.
+    """
+    q, k, lse = view.query, view.key, view.lse
+    batch, heads, q_len, _ = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    dtype = lse.dtype
+    keys = k.to(dtype)[:, :, None].transpose(-1, -2)  # [B, Hkv, 1, D, Tk]
+    total = torch.zeros(batch, heads, k_len, dtype=torch.float64, device=q.device)
+    for r0 in range(first, q_len, chunk):
+        r1 = min(r0 + chunk, q_len)
+        qs = q[:, :, r0:r1].to(dtype).reshape(batch, kv_heads, group, r1 - r0, -1)
+        s = torch.matmul(qs, keys).reshape(batch, heads, r1 - r0, k_len) * view.scaling
+        p = torch.exp(s - lse[:, :, r0:r1, None])
+        if view.is_causal:
+            hidden = view.k_pos[None, :] > view.q_pos[r0:r1, None]  # [rows, Tk]
+            p = p.masked_fill(hidden, 0.0)
+        total += p.to(torch.float64).sum(dim=2)
+    return total
+
+
 def column_mass(view: Any) -> torch.Tensor:
     """[B, H, Tk] in the lse's dtype: ``sum_i A_ij`` over every query row i that sees key j (the diagonal
     included), by one fused call with the roles of queries and keys exchanged.

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..engine import observe
 from ..engine.block import Block
+from ..engine.fused import column_mass, rows_mass
 from ..errors import PressError
 from ..models import is_causal_lm, model_shape
 from ..specs import parse_options, split_top
@@ -192,9 +193,16 @@ def top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 # -- what the engine gives the presses --------------------------------------------------------
 class _Collector:
-    """A probe: per layer, the attention each key receives, summed over real queries (all, or the last rows)."""
+    """A probe: per layer, the attention each key receives, summed over real queries (all, or the last rows).
+
+    Fused (:mod:`headmap.engine.fused`): a plain prefill call (no padding, no edit) runs as one fused
+    kernel, and the sums come from its log-sum-exps: every row's column sums by one more fused call with
+    queries and keys exchanged (:func:`~headmap.engine.fused.column_mass`), the last rows' probabilities
+    as ``exp(s_ij - lse_i)`` from a [window, T] product. Any other call (padding, decoding) takes blocks.
+    """
 
     reads_qk = False
+    fused = True
 
     def __init__(self, received: bool, window: int) -> None:
         self.want_received = received
@@ -230,6 +238,24 @@ class _Collector:
                 weights = block.query_valid[:, r0:].to(torch.float64)[:, None, :, None]
                 mass = (probs.to(torch.float64) * weights).sum(dim=2)  # exact float64 sums of float32 entries
                 self._add(self.last, block.layer, block, mass, self.length)
+
+    def update_fused(self, view) -> None:
+        """The same sums from a plain call's fused kernel: every query is real and the keys start at 0."""
+        if not self.active:
+            return
+        if self.want_received:
+            mass = column_mass(view).to(torch.float64)  # [B, H, Tk], the diagonal included
+            self._add_columns(self.received, view.layer, mass, self.length)
+        if self.window and self.length:
+            mass = rows_mass(view, max(self.length - self.window, 0))  # [B, H, Tk] float64
+            self._add_columns(self.last, view.layer, mass, self.length)
+
+    @staticmethod
+    def _add_columns(store: dict, layer: int, mass: torch.Tensor, length: int) -> None:
+        acc = store.get(layer)
+        if acc is None:
+            acc = store[layer] = mass.new_zeros(mass.shape[0], mass.shape[1], max(length, mass.shape[-1]))
+        acc[..., : mass.shape[-1]] += mass
 
     def commit(self) -> None:
         pass
