@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 import headmap
-from headmap.probes import SinkProbe
 from headmap.presses import (
     PRESSES,
     PressedLayer,
@@ -23,6 +22,7 @@ from headmap.presses import (
     make_press,
     parse_press,
 )
+from headmap.probes import SinkProbe
 
 EPS32 = torch.finfo(torch.float32).eps
 VOCAB = 97
