@@ -586,3 +586,34 @@ def test_h2o_keeps_its_budget_while_decoding_with_running_sums():
         want = total.gather(2, layer.positions.long())
         # float32 running sums over at most p terms each below 1: within p eps32 of the float64 sums
         assert torch.allclose(layer.scores.double(), want, atol=p * EPS32 * 4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name, decodes_in_engine",
+    [("snapkv", False), ("h2o", False), ("knorm", False), ("pyramidkv", True), ("adakv", True)],
+)
+def test_decoding_leaves_the_engine_after_a_uniform_press(name, decodes_in_engine, atlas, monkeypatch):
+    """A press whose layers all keep as many entries decodes with the model's own attention; pyramidkv
+    (budgets by layer) and adakv (a ragged cache) keep the engine for the decoding steps. The tokens
+    equal those of the model fed only the kept keys, which the masked-eager tests check step by step."""
+    from headmap.engine import attention
+
+    calls = {"blocks": 0}
+    block = attention._attend_block
+
+    def count(*args, **kwargs):
+        calls["blocks"] += 1
+        return block(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_attend_block", count)
+    model = build("llama")
+    ids = ids_of(24)
+    with compress(model, small(name, 0.5, atlas)) as run, torch.no_grad():
+        model(ids)  # the prefill: the fused route (or none, for knorm)
+        after_prefill = calls["blocks"]
+        assert model.config._attn_implementation == ("headmap" if decodes_in_engine else "eager")
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert after_prefill == 0
+    assert (calls["blocks"] > 0) == decodes_in_engine
+    assert run.cache_bytes() < run.full_bytes  # half of 24 entries kept, 3 decoded since
+    assert model.config._attn_implementation == "eager"

@@ -19,6 +19,7 @@ import headmap
 from headmap.models import greedy_decode
 from headmap.presses import PressedLayer, RaggedLayer, cache_bytes, compress, make_press
 from headmap.presses.shared import greedy_continue, press_prefill, shared_prefill, uses_engine
+from headmap.probes import SinkProbe
 
 ALL = ["streaming", "knorm", "h2o", "snapkv", "pyramidkv", "adakv", "head_aware"]
 RATIOS = [0.25, 0.5, 0.75]
@@ -31,13 +32,18 @@ def layer_tensors(layer) -> list[torch.Tensor]:
     return [t for t in (layer.keys, layer.values) if t is not None]
 
 
-def per_press(model, press, ids, mask):
-    """The path of one prefill per press: greedy_decode under compress; the cache as it was after the prefill."""
+def per_press(model, press, ids, mask, prefill_session=None):
+    """The path of one prefill per press: greedy_decode under compress; the cache as it was after the prefill.
+
+    ``prefill_session``: an entered engine session that is closed once the prefill has returned (the
+    prefill runs under it, the decoding steps do not)."""
     after: dict = {}
 
     with compress(model, press) as run, torch.no_grad():
 
         def before(k: int) -> None:
+            if k == 1 and prefill_session is not None:
+                prefill_session.__exit__(None, None, None)
             if k == 1:  # the prefill has returned and was pressed; the first decoding step has not run
                 after["bytes"] = run.cache_bytes()
                 after["layers"] = [[t.clone() for t in layer_tensors(x)] for x in run.cache.layers]
@@ -88,16 +94,14 @@ def test_shared_prefill_equals_one_prefill_per_press(kind, presses):
     assert prefill.engine
     for press in presses:
         # knorm and streaming run without the engine on their own: beside engine presses the shared
-        # forward is the engine's, so the reference is their own prefill under an observing session
-        # (the same arithmetic); their comparison with eager attention is the next test
-        outer = headmap.observe(model) if not uses_engine(press) else None
+        # forward is the engine's (its fused route: every collector is a fused probe), so the reference
+        # is their own prefill under a session with a fused probe (the same arithmetic), closed before
+        # the decoding steps, which run the model's own attention in both paths; their comparison with
+        # eager attention is the next test
+        outer = headmap.observe(model, probes=[SinkProbe()]) if not uses_engine(press) else None
         if outer is not None:
             outer.__enter__()
-        try:
-            want = per_press(model, press, ids, mask)
-        finally:
-            if outer is not None:
-                outer.__exit__(None, None, None)
+        want = per_press(model, press, ids, mask, prefill_session=outer)
         got = shared(model, prefill, press)
         assert_same(want, got)
     # the full cache of the shared prefill is left as it was: every layer still holds all 40 entries

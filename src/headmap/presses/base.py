@@ -317,7 +317,11 @@ def compress(
 
     A forward that starts from an empty cache is a prefill: at its end every layer of its cache
     keeps what ``press`` says. Later forwards (decoding) append to the pressed cache. The engine
-    runs when the press reads attention or keeps different numbers of entries per head.
+    runs the prefill when the press reads attention or keeps different numbers of entries per head;
+    decoding runs the model's own attention (sdpa, eager, ...) over the pressed cache, unless the
+    press keeps different numbers of entries per head (a ragged cache, read through an engine edit)
+    or per layer (one mask cannot serve them all), or adds each decoding query's attention to running
+    sums (``h2o:decode=true``).
 
     ``run``: a prefill already pressed with ``press`` (:func:`headmap.presses.shared.press_prefill`):
     the forwards inside the block decode from its cache as they would after a prefill here.
@@ -335,10 +339,25 @@ def compress(
         raise PressError("compress(run=...) needs the press that pressed that run's cache")
     collector = _Collector(press.reads_received, press.window_rows() if press.reads_window else 0)
     state: dict[str, Any] = {}
+    needs_engine = press.reads_received or press.reads_window or press.head_wise
+    # Decoding needs the engine only to read a ragged cache or to add each step's attention to running
+    # sums; after any other press the decoding steps run the model's own attention (sdpa, eager, ...).
+    decodes_in_engine = press.head_wise or (press.evicts_in_decoding and press.reads_received)
+    session = observe(model, probes=[collector], edits=[RaggedMask(lambda: run.cache)], commit="manual")
+    entered = [False]
+
+    def engine(on: bool) -> None:
+        if on and not entered[0]:
+            session.__enter__()
+        elif not on and entered[0]:
+            session.__exit__(None, None, None)
+        entered[0] = on
 
     def pre_hook(module, args, kwargs):
         length, mask, cache = _forward_inputs(args, kwargs)
         state["prefill"] = _is_empty(cache) and length > 0
+        if state["prefill"]:
+            engine(needs_engine or decodes_in_engine)
         state["mask"] = mask
         state["length"] = length
         collector.active = state["prefill"] or (press.evicts_in_decoding and press.reads_received)
@@ -360,23 +379,36 @@ def compress(
         run.full_bytes = cache_bytes(cache)
         _press_cache(run, cache, collector, state, shape, model)
         collector.reset(0)
+        if not decodes_in_engine and _uniform(cache):
+            engine(False)
         return output
 
     handles = []
-    needs_engine = press.reads_received or press.reads_window or press.head_wise
-    session = None
     try:
         handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(model.register_forward_hook(hook, with_kwargs=True))
-        if needs_engine:
-            session = observe(model, probes=[collector], edits=[RaggedMask(lambda: run.cache)])
-            session.__enter__()
+        pressed = run.cache is not None  # compress(run=...): decode from a prefill pressed elsewhere
+        if decodes_in_engine or (pressed and needs_engine and not _uniform(run.cache)):
+            engine(True)
         yield run
     finally:
-        if session is not None:
-            session.__exit__(None, None, None)
+        engine(False)
         for handle in handles:
             handle.remove()
+
+
+def _uniform(cache: Any) -> bool:
+    """True when the model's own attention can read the pressed cache: no ragged layer, and every
+    full-attention layer stores as many entries (transformers builds one mask for all of them from the
+    first one's sizes; pyramidkv's budgets differ by layer, so its decoding stays in the engine)."""
+    stored = set()
+    for layer in cache.layers:
+        if isinstance(layer, RaggedLayer):
+            return False
+        if getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None:
+            continue
+        stored.add(layer.keys.shape[2])
+    return len(stored) <= 1
 
 
 def _press_cache(run: Compression, cache: Any, collector: _Collector, state: dict, shape, model) -> None:
