@@ -317,27 +317,20 @@ def headmap_attention_forward(
 
     qk_probes = [p for p in probes if getattr(p, "reads_qk", False)]
     if qk_probes:
-        q_all = torch.arange(q_len, device=query.device) + masks.q_offset
-        k_all = torch.arange(k_len, device=query.device) + masks.kv_offset
-        key_valid = masks.key_valid()
-        if key_valid is None:
-            key_valid = torch.ones(batch, k_len, dtype=torch.bool, device=query.device)
-        key_valid = key_valid.to(device)
-        view = QKView(
+        view = QKView.for_call(
             layer,
             module,
             query,
             key,
-            _query_valid(masks, q_all),
-            key_valid,
-            q_all,
-            k_all,
-            item_start,
-            value=value,
-            mask=masks,
-            scaling=logit_scale,
+            value,
+            masks,
+            logit_scale,
+            item_start=item_start,
             softcap=softcap,
             sink_logits=sink_logits,
+            is_causal=causal,
+            tower=tower,
+            is_cross=is_cross,
         )
         for probe in qk_probes:
             probe.update_qk(view)
@@ -444,25 +437,24 @@ def _fused_call(
     out, lse = fused_route.attend(kernel, query, key, value, causal, scaling)
     if check_finite and not bool(torch.isfinite(out).all() & torch.isfinite(lse).all()):  # one host read
         return None
-    q_len, k_len = query.shape[2], key.shape[2]
-    q_all = torch.arange(q_len, device=query.device) + masks.q_offset
-    k_all = torch.arange(k_len, device=query.device) + masks.kv_offset
-    view = QKView(
+    # a plain pattern has no padding: every key is real
+    every_key = torch.ones(query.shape[0], key.shape[2], dtype=torch.bool, device=query.device)
+    view = QKView.for_call(
         layer,
         module,
         query,
         key,
-        _query_valid(masks, q_all),
-        torch.ones(query.shape[0], k_len, dtype=torch.bool, device=query.device),
-        q_all,
-        k_all,
-        item_start,
-        value=value,
-        mask=masks,
-        scaling=scaling,
+        value,
+        masks,
+        scaling,
+        item_start=item_start,
+        key_valid=every_key,
+        lse=lse,
+        kernel=kernel,
+        is_causal=causal,
+        tower=tower,
+        is_cross=is_cross,
     )
-    view.lse = lse
-    view.is_causal, view.tower, view.is_cross, view.kernel = causal, tower, is_cross, kernel
     out = out.transpose(1, 2).contiguous()
     view.output = out
     for probe in probes:

@@ -216,6 +216,10 @@ class QKView:
     gives [B, 1, bq, bk] bool, True = visible), the logit settings ``scaling``, ``softcap`` and
     ``sink_logits`` ([1, H, 1, 1] or None), and, once the call returns, ``output`` [B, Tq, H, Dv]
     (the tensor the model receives, part of the autograd graph when gradients are on).
+
+    A view made by :meth:`for_call` (every view the engine and explain's fast path hand out) also has
+    ``lse`` [B, H, Tq] and ``kernel`` (a fused call's log-sum-exps and kernel name; None otherwise) and
+    ``is_causal``, ``tower`` and ``is_cross`` where its maker knows them (None otherwise).
     """
 
     def __init__(
@@ -250,6 +254,71 @@ class QKView:
         self.softcap = softcap
         self.sink_logits = sink_logits
         self.output = None
+
+    @classmethod
+    def for_call(
+        cls,
+        layer: int,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor | None,
+        masks: Any,
+        scaling: float,
+        *,
+        item_start: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        softcap: float | None = None,
+        sink_logits: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+        kernel: str | None = None,
+        is_causal: bool | None = None,
+        tower: str | None = None,
+        is_cross: bool | None = None,
+    ) -> QKView:
+        """The view of one attention call of ``module``, its positions and validity flags read from the
+        call's block mask ``masks`` (:mod:`headmap.engine.mask`), on the query's device.
+
+        ``q_pos`` and ``k_pos`` count from the mask's ``q_offset`` and ``kv_offset``; ``query_valid`` is the
+        mask's, asked on the mask's own device; ``key_valid`` is given (a caller that knows there is no
+        padding) or the mask's (every key where it has none); ``item_start`` is given or the mask's (zeros
+        where it has none). The tensors are kept as given (a caller that wants them dense passes them so).
+        """
+        batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+        device = query.device
+        q_pos = torch.arange(q_len, device=device) + masks.q_offset
+        k_pos = torch.arange(k_len, device=device) + masks.kv_offset
+        where = getattr(masks, "device", device)
+        query_valid = masks.query_valid(q_pos.to(where)).to(device)
+        if key_valid is None:
+            key_valid = masks.key_valid()
+        if key_valid is None:
+            key_valid = torch.ones(batch, k_len, dtype=torch.bool, device=device)
+        if item_start is None:
+            item_start = (
+                masks.item_start().to(device)
+                if hasattr(masks, "item_start")
+                else torch.zeros(batch, dtype=torch.long, device=device)
+            )
+        view = cls(
+            layer,
+            module,
+            query,
+            key,
+            query_valid,
+            key_valid.to(device),
+            q_pos,
+            k_pos,
+            item_start,
+            value=value,
+            mask=masks,
+            scaling=scaling,
+            softcap=softcap,
+            sink_logits=sink_logits,
+        )
+        view.lse, view.kernel = lse, kernel
+        view.is_causal, view.tower, view.is_cross = is_causal, tower, is_cross
+        return view
 
     @property
     def num_heads(self) -> int:

@@ -147,33 +147,9 @@ def _attention(
 
 def _view(layer: int, module, query, key, value, masks, scale: float) -> QKView:
     """The QKView the engine would hand a probe for this call (see headmap_attention_forward)."""
-    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
-    device = query.device
-    q_all = torch.arange(q_len, device=device) + masks.q_offset
-    k_all = torch.arange(k_len, device=device) + masks.kv_offset
-    key_valid = masks.key_valid()
-    if key_valid is None:
-        key_valid = torch.ones(batch, k_len, dtype=torch.bool, device=device)
-    where = getattr(masks, "device", device)
-    query_valid = masks.query_valid(q_all.to(where)).to(device)
-    item_start = masks.item_start().to(device) if hasattr(masks, "item_start") else torch.zeros(batch, dtype=torch.long)
-    view = QKView(
-        layer,
-        module,
-        query,
-        key.contiguous(),
-        query_valid,
-        key_valid.to(device),
-        q_all,
-        k_all,
-        item_start,
-        value=None if value is None else value.contiguous(),
-        mask=masks,
-        scaling=scale,
-        softcap=None,
-        sink_logits=None,
-    )
-    view.lse, view.flash = None, None
+    value = None if value is None else value.contiguous()
+    view = QKView.for_call(layer, module, query, key.contiguous(), value, masks, scale)
+    view.flash = None
     return view
 
 

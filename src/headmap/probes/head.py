@@ -1,4 +1,6 @@
-"""Head-level probes: :class:`HeadStats` (across-input sums per head) and :class:`HeadMeanProbe`.
+"""Head-level probes: :class:`HeadStats` (across-input sums per head), :class:`HeadTableProbe` (a probe
+whose result is those sums per (tower, layer): their state, table rows and means) and :class:`HeadMeanProbe`
+(a head score that is a mean over query rows, folded in block by block).
 
 A head score is first averaged within an input, then across inputs, each input weighing the same
 (docs/methods/README.md).
@@ -94,51 +96,25 @@ class HeadStats:
 
 
 @dataclass
-class HeadMeanProbe(Probe):
-    """A head-level score that is the mean over counted query rows of a per-row quantity.
+class HeadTableProbe(Probe):
+    """A probe whose result is one score per head, averaged across inputs: :class:`HeadStats` by (tower, layer).
 
-    Subclasses implement ``row_values(block) -> (values [B, H, bq], counted [B, bq])``.
-    Sums are keyed by (tower, layer) (:func:`tower_key`), so every tower of a multimodal model gets its
-    own rows (``tower`` in :meth:`head_rows`).
+    Subclasses fold each input's per-head scores in with :meth:`_fold`; this class keeps the committed
+    sums and gives what every such probe gives: ``state_dict`` / ``load_state_dict``, ``merge``,
+    ``towers``, ``result``, ``values`` and the rows of ``heads.parquet`` (``head_rows``, with ``tower``).
     """
 
     #: a scan may give this probe the blocks of every tower (its sums are keyed by tower)
     tower_aware = True
 
-    _pending: dict[int, list] = field(default_factory=dict, init=False, repr=False)
-    _stats: dict[int, HeadStats] = field(default_factory=dict, init=False, repr=False)
+    _stats: dict[int | tuple[str, int], HeadStats] = field(default_factory=dict, init=False, repr=False)
 
-    def row_values(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    def _fold(self, key: int | tuple[str, int], kv_heads: int, per_input: np.ndarray) -> None:
+        """Add per-input scores [n_inputs, H] (NaN where an input had none) to the sums of ``key`` (a tower_key)."""
+        stats = self._stats.setdefault(key, HeadStats.empty(per_input.shape[1], kv_heads))
+        stats.add(per_input)
 
-    def update(self, block: Block) -> None:
-        values, counted = self.row_values(block)
-        self._add_rows(getattr(block, "tower", "text"), block.layer, block.num_kv_heads, values, counted)
-
-    def _add_rows(self, tower: str, layer: int, kv_heads: int, values: torch.Tensor, counted: torch.Tensor) -> None:
-        """Fold per-row values [B, H, rows] of the counted rows [B, rows] into the pending sums."""
-        weights = counted.to(torch.float64)
-        # a statistic, not part of any graph: a forward that takes gradients (explain) must not make it one
-        num = (values.detach().to(torch.float64) * weights[:, None, :]).sum(dim=-1)  # [B, H]
-        den = weights.sum(dim=-1)  # [B]
-        key = tower_key(tower, layer)
-        slot = self._pending.get(key)
-        if slot is None or slot[0].shape != num.shape:
-            self._pending[key] = [num, den, kv_heads]
-        else:
-            slot[0] += num
-            slot[1] += den
-
-    def commit(self) -> None:
-        for layer, (num, den, kv_heads) in self._pending.items():
-            den_np = den.cpu().numpy()[:, None]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                per_input = np.where(den_np > 0, num.cpu().numpy() / np.maximum(den_np, 1), np.nan)
-            stats = self._stats.setdefault(layer, HeadStats.empty(per_input.shape[1], kv_heads))
-            stats.add(per_input)
-        self._pending.clear()
-
-    def merge(self, other: HeadMeanProbe) -> None:
+    def merge(self, other: HeadTableProbe) -> None:
         """Add another probe's committed totals (another batch, input set or process)."""
         for layer, stats in other._stats.items():
             mine = self._stats.get(layer)
@@ -174,7 +150,7 @@ class HeadMeanProbe(Probe):
         return state
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        """Replace the committed totals by a :meth:`state_dict`; drops anything pending."""
+        """Replace the committed totals by a :meth:`state_dict`."""
         try:
             layers = [int(x) for x in np.asarray(state["layers"]).reshape(-1)]
             kv = [int(x) for x in np.asarray(state["kv_heads"]).reshape(-1)]
@@ -202,7 +178,6 @@ class HeadMeanProbe(Probe):
                 loaded[(tower, int(layer_text))] = HeadStats(total, total_sq, count, kv_heads)
         except (KeyError, ValueError, TypeError) as exc:
             raise ValueError(f"not a state of probe {self.name}: {exc}") from exc
-        self._pending.clear()
         self._stats = loaded
 
     def towers(self) -> list[str]:
@@ -258,3 +233,49 @@ class HeadMeanProbe(Probe):
         for layer, stats in res.items():
             out[layer, : len(stats.total)] = stats.mean()
         return out
+
+
+@dataclass
+class HeadMeanProbe(HeadTableProbe):
+    """A head-level score that is the mean over counted query rows of a per-row quantity.
+
+    Subclasses implement ``row_values(block) -> (values [B, H, bq], counted [B, bq])``.
+    Sums are keyed by (tower, layer) (:func:`tower_key`), so every tower of a multimodal model gets its
+    own rows (``tower`` in :meth:`head_rows`).
+    """
+
+    _pending: dict[int, list] = field(default_factory=dict, init=False, repr=False)
+
+    def row_values(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def update(self, block: Block) -> None:
+        values, counted = self.row_values(block)
+        self._add_rows(getattr(block, "tower", "text"), block.layer, block.num_kv_heads, values, counted)
+
+    def _add_rows(self, tower: str, layer: int, kv_heads: int, values: torch.Tensor, counted: torch.Tensor) -> None:
+        """Fold per-row values [B, H, rows] of the counted rows [B, rows] into the pending sums."""
+        weights = counted.to(torch.float64)
+        # a statistic, not part of any graph: a forward that takes gradients (explain) must not make it one
+        num = (values.detach().to(torch.float64) * weights[:, None, :]).sum(dim=-1)  # [B, H]
+        den = weights.sum(dim=-1)  # [B]
+        key = tower_key(tower, layer)
+        slot = self._pending.get(key)
+        if slot is None or slot[0].shape != num.shape:
+            self._pending[key] = [num, den, kv_heads]
+        else:
+            slot[0] += num
+            slot[1] += den
+
+    def commit(self) -> None:
+        for layer, (num, den, kv_heads) in self._pending.items():
+            den_np = den.cpu().numpy()[:, None]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_input = np.where(den_np > 0, num.cpu().numpy() / np.maximum(den_np, 1), np.nan)
+            self._fold(layer, kv_heads, per_input)
+        self._pending.clear()
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the committed totals by a :meth:`state_dict`; drops anything pending."""
+        super().load_state_dict(state)
+        self._pending.clear()

@@ -27,7 +27,6 @@ say ``tower = text``.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +40,8 @@ from ..engine.block import Block, QKView
 from ..engine.towers import tower_of
 from ..errors import ProbeError
 from ..models import logits_to_keep, position_ids
-from .base import Needs, Probe
-from .head import HeadStats
+from .base import Needs
+from .head import HeadTableProbe, tower_key
 from .modality_mass import image_token_id
 
 #: Input keys that carry images (blanked in the second forward).
@@ -67,8 +66,12 @@ def blank_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class VisionAwareProbe(Probe):
-    """Per head, the l2 distance between its outputs with the image and with the image blanked (VHD)."""
+class VisionAwareProbe(HeadTableProbe):
+    """Per head, the l2 distance between its outputs with the image and with the image blanked (VHD).
+
+    Its table (state, ``head_rows``, ``values``) is :class:`~headmap.probes.head.HeadTableProbe`'s, with
+    sums of the ``text`` tower only.
+    """
 
     #: the image token id; None: read from the config of the model
     image_token_id: int | None = None
@@ -80,7 +83,6 @@ class VisionAwareProbe(Probe):
 
     _views: list = field(default_factory=list, init=False, repr=False)
     _with_image: dict = field(default_factory=dict, init=False, repr=False)
-    _stats: dict[int, HeadStats] = field(default_factory=dict, init=False, repr=False)
     _kv: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def params(self) -> dict[str, Any]:
@@ -155,8 +157,7 @@ class VisionAwareProbe(Probe):
             w = rows.to(torch.float64)[:, :, None]
             n = rows.sum(dim=-1).to(torch.float64)[:, None]
             per_input = torch.where(n > 0, (dist * w).sum(dim=1) / n.clamp_min(1), torch.nan)  # [B, H]
-            stats = self._stats.setdefault(layer, HeadStats.empty(per_input.shape[1], self._kv.get(layer, 1)))
-            stats.add(per_input.cpu().numpy())
+            self._fold(tower_key("text", layer), self._kv.get(layer, 1), per_input.cpu().numpy())
             scores.append(per_input.cpu().numpy())
         return np.stack(scores, axis=1) if scores else np.zeros((ids.shape[0], 0, 0))
 
@@ -188,63 +189,3 @@ class VisionAwareProbe(Probe):
 
     def update(self, block: Block) -> None:
         """Nothing per block: the outputs come from the attention calls (:meth:`update_qk`)."""
-
-    # -- state and results -------------------------------------------------------------------
-    def state_dict(self) -> dict[str, np.ndarray]:
-        layers = sorted(self._stats)
-        state = {
-            "layers": np.array(layers, dtype=np.int64),
-            "kv_heads": np.array([self._stats[layer].kv_heads for layer in layers], dtype=np.int64),
-        }
-        for layer in layers:
-            stats = self._stats[layer]
-            state[f"total.{layer}"] = stats.total.copy()
-            state[f"total_sq.{layer}"] = stats.total_sq.copy()
-            state[f"count.{layer}"] = stats.count.copy()
-        return state
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        try:
-            layers = [int(x) for x in np.asarray(state["layers"]).reshape(-1)]
-            kv = [int(x) for x in np.asarray(state["kv_heads"]).reshape(-1)]
-            self._stats = {
-                layer: HeadStats(
-                    np.array(state[f"total.{layer}"], dtype=np.float64),
-                    np.array(state[f"total_sq.{layer}"], dtype=np.float64),
-                    np.array(state[f"count.{layer}"], dtype=np.int64),
-                    kv_heads,
-                )
-                for layer, kv_heads in zip(layers, kv, strict=True)
-            }
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"not a state of probe {self.name}: {exc}") from exc
-
-    def values(self) -> np.ndarray:
-        """[layers, heads] mean divergence (NaN where a layer was never seen)."""
-        if not self._stats:
-            return np.zeros((0, 0))
-        heads = max(len(s.total) for s in self._stats.values())
-        out = np.full((max(self._stats) + 1, heads), np.nan)
-        for layer, stats in self._stats.items():
-            out[layer, : len(stats.total)] = stats.mean()
-        return out
-
-    def head_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for layer, stats in sorted(self._stats.items()):
-            group = len(stats.total) // stats.kv_heads
-            for head, (value, se, n) in enumerate(zip(stats.mean(), stats.stderr(), stats.count, strict=True)):
-                rows.append(
-                    {
-                        "probe": self.name,
-                        "metric": self.name,
-                        "tower": "text",
-                        "layer": int(layer),
-                        "head": head,
-                        "kv_head": head // group,
-                        "value": float(value),
-                        "stderr": float(se) if not math.isnan(se) else math.nan,
-                        "n": int(n),
-                    }
-                )
-        return rows
