@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -238,6 +239,30 @@ def test_shards_that_do_not_make_one_run_are_refused(monkeypatch, capsys, shards
     assert_only_error_line(code, err, "--merge", *needles)
     assert not out.exists()  # nothing written
     assert files(*folders) == before  # nothing changed
+
+
+def test_a_shard_being_written_is_refused(monkeypatch, capsys, shards, tmp_path):
+    """Another writer (here a thread: the lock is per thread too) holds shard 1's folder."""
+    from headmap.rundir import lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with lock(shards[1], command="headmap compress ... --shard 1/2"):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        assert held.wait(30)
+        out = tmp_path / "merged"
+        code, _, err = merge(monkeypatch, capsys, out, *shards)
+        assert_only_error_line(code, err, f"--merge: {shards[1]} is being written", "--shard 1/2", "wait until")
+        assert not out.exists()
+    finally:
+        release.set()
+        thread.join(30)
 
 
 def test_a_shard_of_another_command_is_refused(monkeypatch, capsys, tiny_llama_dir, task_file, shards, tmp_path):

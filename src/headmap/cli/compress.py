@@ -827,7 +827,7 @@ def merge_shards(folders: list[Path], out: Path, overwrite: bool = False) -> dic
     content.
     """
     from ..report import write_compress_report
-    from ..rundir import check_unlocked, check_writable, lock, write_text
+    from ..rundir import check_unlocked, check_writable, lock, lock_holder, write_text
 
     if not folders:
         raise OptionError("--merge needs the folders of the --shard runs, e.g. --merge runs/c0 --merge runs/c1")
@@ -867,7 +867,13 @@ def merge_shards(folders: list[Path], out: Path, overwrite: bool = False) -> dic
     for folder in given.values():
         if out.resolve() == folder.resolve():
             raise OutputError(f"--out {out} is one of the shard folders; choose another folder for the merged run")
-        check_unlocked(folder)
+        try:
+            check_unlocked(folder)
+        except OutputError:
+            raise OutputError(
+                f"--merge: {folder} is being written by another headmap process ({lock_holder(folder)}); wait "
+                "until that run ends"
+            ) from None
     ordered = [next(s for s in shards if s[2][0] == k) for k in range(count)]
     done = [_finished_rows(folder, fp, part) for folder, fp, part in ordered]
     for (folder, _, _), (data, _) in zip(ordered[1:], done[1:], strict=True):
