@@ -31,9 +31,11 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
 
 
 def assert_only_error_line(code: int, err: str, *needles: str) -> None:
-    """Exit code 2 and stderr is nothing but one ``headmap: error:`` line holding every needle."""
+    """Exit code 2 and stderr is nothing but one ``headmap: error:`` line holding every needle (and no
+    traceback, even inside the message)."""
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("headmap: error:"), err
+    assert "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], lines[0]

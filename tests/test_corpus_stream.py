@@ -13,6 +13,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from cli_runner import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import headmap
@@ -196,9 +197,6 @@ def test_a_fifo_nobody_writes_to_is_refused_not_waited_on_forever(tok, tmp_path,
 def test_cli_scan_reads_a_process_substitution(monkeypatch, capsys, tiny_llama_dir, tmp_path):
     """``headmap scan --corpus <(cat file)``: the scan gets every line of the pipe."""
     import json
-    import sys
-
-    from headmap import cli
 
     source = tmp_path / "c.txt"
     write_lines(source, 6, seed=4)
@@ -207,15 +205,11 @@ def test_cli_scan_reads_a_process_substitution(monkeypatch, capsys, tiny_llama_d
     feeder.start()
     out = tmp_path / "run"
     args = ["scan", str(tiny_llama_dir), "--probes", "sink", "--corpus", f"/dev/fd/{read}", "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", ["headmap", *args, "--no-progress"])
-    code = 0
     try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code
+        code, _, err = run(monkeypatch, capsys, *args, "--no-progress")
     finally:
         feeder.join(10)
         os.close(read)
-    assert code in (0, None), capsys.readouterr().err
+    assert code == 0, err  # headmap.cli.main returns, or exits with an int: never SystemExit(None)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["corpus"]["inputs"] == 6

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from bounds import batch_bound
+from cli_runner import assert_only_error_line, run
 
 from headmap.corpus import Corpus, Sample
 from headmap.edits import Edit
@@ -376,22 +375,18 @@ def test_predict_probability_of_the_answer(tiny, tmp_path):
 # -- command line ----------------------------------------------------------------------------------
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    code = "import sys; from headmap.cli import main; sys.argv = ['headmap', *sys.argv[1:]]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
-
-
-def test_cli_eval_with_an_edit_and_random_controls(tiny_llama_dir, tmp_path):
+def test_cli_eval_with_an_edit_and_random_controls(monkeypatch, capsys, tiny_llama_dir, tmp_path):
     task = write_task(tmp_path)
     out = tmp_path / "out"
-    proc = run_cli(
-        "eval", str(tiny_llama_dir), "--task", str(task), "--edit", "ablate:heads=[[0,1],[1,2]]:mode=zero",
+    code, stdout, err = run(
+        monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(task),
+        "--edit", "ablate:heads=[[0,1],[1,2]]:mode=zero",
         "--random-heads", "2", "--bootstrap", "300", "--out", str(out),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "base" in proc.stdout and "random 1" in proc.stdout and "acc_norm" in proc.stdout
+    assert code == 0, err
+    assert "base" in stdout and "random 1" in stdout and "acc_norm" in stdout
     # progress on stderr, one line per condition: base, edited, then each control
-    progress = [line for line in proc.stderr.splitlines() if line.startswith(("base:", "condition "))]
+    progress = [line for line in err.splitlines() if line.startswith(("base:", "condition "))]
     assert progress[0].startswith(f"base: {len(ITEMS)} items")
     assert [line.split(":")[0] for line in progress[1:]] == [
         "condition 1/3 (edited)", "condition 2/3 (control 1/2)", "condition 3/3 (control 2/2)"
@@ -414,72 +409,49 @@ def test_cli_eval_with_an_edit_and_random_controls(tiny_llama_dir, tmp_path):
         (json.dumps({**ITEMS[1], "answer": 5}) + "\n", 'line 1: "answer" 5 is out of range'),
     ],
 )
-def test_cli_bad_task_file_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, content, needle):
+def test_cli_bad_task_file_is_one_line_and_exit_2(monkeypatch, capsys, tiny_llama_dir, tmp_path, content, needle):
     path = tmp_path / "bad.jsonl"
     path.write_text(content, encoding="utf-8")
-    proc = run_cli("eval", str(tiny_llama_dir), "--task", str(path))
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("headmap: error:") and needle in lines[0], proc.stderr
+    code, _, err = run(monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(path))
+    assert_only_error_line(code, err, needle)
 
 
-def test_cli_bad_edit_and_options_exit_2(tiny_llama_dir, tmp_path):
+def test_cli_bad_edit_and_options_exit_2(monkeypatch, capsys, tiny_llama_dir, tmp_path):
     task = write_task(tmp_path)
     for args, needle in [
         (["--edit", "nonsense:x=1"], "unknown edit"),
         (["--random-heads", "2"], "--random-heads"),
         (["--edit", "ablate:heads=[[9,0]]"], "does not exist"),
     ]:
-        proc = run_cli("eval", str(tiny_llama_dir), "--task", str(task), *args)
-        assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
+        code, _, err = run(monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(task), *args)
+        assert code == 2 and needle in err, (args, err)
 
 
-def test_cli_tune(tiny_llama_dir, tmp_path):
+def test_cli_tune(monkeypatch, capsys, tiny_llama_dir, tmp_path):
     dev = write_task(tmp_path, ITEMS[:3], "dev.jsonl")
     test = write_task(tmp_path, ITEMS[3:], "test.jsonl")
     out = tmp_path / "tuned"
-    proc = run_cli(
-        "tune", str(tiny_llama_dir), "--task-dev", str(dev), "--task-test", str(test),
+    code, stdout, err = run(
+        monkeypatch, capsys, "tune", str(tiny_llama_dir), "--task-dev", str(dev), "--task-test", str(test),
         "--edit-template", "scale_first_token:heads=[[0,0],[1,1]]:factor={f}", "--grid", "0.5,1,2",
         "--bootstrap", "200", "--out", str(out),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "held-out test" in proc.stdout and "chosen for group 0" in proc.stdout
+    assert code == 0, err
+    assert "held-out test" in stdout and "chosen for group 0" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dev_task"] == "dev.jsonl" and summary["test_task"] == "test.jsonl"
     assert len(summary["dev"]) == 3 and summary["test"]["acc"]["n"] == 2
     assert (out / "dev.csv").is_file() and (out / "items.csv").is_file()
-    same = run_cli("tune", str(tiny_llama_dir), "--task-dev", str(dev), "--task-test", str(dev),
-                   "--edit-template", "scale_first_token:factor={f}")  # fmt: skip
-    assert same.returncode == 2 and "same file" in same.stderr
-    nof = run_cli("tune", str(tiny_llama_dir), "--edit-template", "scale_first_token:factor=2")
-    assert nof.returncode == 2 and "{f}" in nof.stderr
+    code, _, err = run(monkeypatch, capsys, "tune", str(tiny_llama_dir), "--task-dev", str(dev), "--task-test",
+                       str(dev), "--edit-template", "scale_first_token:factor={f}")  # fmt: skip
+    assert code == 2 and "same file" in err
+    code, _, err = run(
+        monkeypatch, capsys, "tune", str(tiny_llama_dir), "--edit-template", "scale_first_token:factor=2"
+    )
+    assert code == 2 and "{f}" in err
 
 
 # -- faults: one line, exit 2, nothing written, before the model loads ------------------------------
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``headmap ARGS`` in this process (as tests/test_cli.py runs it)."""
-    from headmap import cli
-
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_refused(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("headmap: error:"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -496,11 +468,11 @@ def test_eval_refuses_batch_size_0(monkeypatch, capsys, tiny_llama_dir, tmp_path
     task = write_task(tmp_path)
     out = tmp_path / "out"
     for size in ("0", "-3"):
-        code, _, err = run_main(
+        code, _, err = run(
             monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(task), "--batch-size", size,
             "--out", str(out),
         )  # fmt: skip
-        assert_refused(code, err, f"--batch-size must be at least 1 (got {size})")
+        assert_only_error_line(code, err, f"--batch-size must be at least 1 (got {size})")
     assert not out.exists()
 
 
@@ -509,11 +481,11 @@ def test_tune_names_the_grid_value_that_is_not_finite(monkeypatch, capsys, tiny_
     test = write_task(tmp_path, ITEMS[3:], "test.jsonl")
     template = "scale_first_token:heads=[[0,0]]:factor={f}"
     for grid, bad in [("0.5,nan", "'nan'"), ("inf,1", "'inf'"), ("1,-Infinity", "'-Infinity'")]:
-        code, _, err = run_main(
+        code, _, err = run(
             monkeypatch, capsys, "tune", str(tiny_llama_dir), "--task-dev", str(dev), "--task-test", str(test),
             "--edit-template", template, "--grid", grid,
         )  # fmt: skip
-        assert_refused(code, err, f"--grid: {bad} is not a finite number")
+        assert_only_error_line(code, err, f"--grid: {bad} is not a finite number")
     with pytest.raises(OptionError, match=r"--grid: nan is not a finite number"):
         check_grid([0.5, float("nan")])
     assert parse_grid(" 0.5, 1,2 ") == [0.5, 1.0, 2.0]
@@ -542,15 +514,13 @@ def test_eval_and_tune_refuse_an_unwritable_out_before_the_model_loads(
     test = write_task(tmp_path, ITEMS[3:], "test.jsonl")
     for out, needle in unwritable_outs(tmp_path):
         before = sorted(p.name for p in tmp_path.iterdir())
-        code, _, err = run_main(
-            monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(task), "--out", str(out)
-        )
-        assert_refused(code, err, "--out", needle)
-        code, _, err = run_main(
+        code, _, err = run(monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(task), "--out", str(out))
+        assert_only_error_line(code, err, "--out", needle)
+        code, _, err = run(
             monkeypatch, capsys, "tune", str(tiny_llama_dir), "--task-dev", str(dev), "--task-test", str(test),
             "--edit-template", "scale_first_token:heads=[[0,0]]:factor={f}", "--out", str(out),
         )  # fmt: skip
-        assert_refused(code, err, "--out", needle)
+        assert_only_error_line(code, err, "--out", needle)
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert (tmp_path / "a-file").read_text() == "not a folder\n"
 

@@ -5,11 +5,11 @@ against the atlas's corpus, and the bad inputs each refused in one line with exi
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import assert_only_error_line, run
 
 from headmap import stats
 from headmap.corpus import load_corpus
@@ -18,28 +18,6 @@ from headmap.evaluation.controls import RandomControls
 from headmap.models import load_model
 
 TASK = "niah_single:lengths=128:n=8:seed=3:per_haystack=4"
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``headmap ARGS`` in this process."""
-    from headmap import cli
-
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_refused(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("headmap: error:"), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -183,15 +161,15 @@ def test_overlap_with_the_atlas_is_refused_then_recorded(monkeypatch, capsys, ti
     args = ["eval", str(tiny_llama_dir), "--task", "needle:lengths=96:depths=0,1", "--max-length", "128"]
     args += ["--atlas", str(needle_atlas), "--random-heads", "0"]
     out = tmp_path / "out"
-    code, _, err = run_main(monkeypatch, capsys, *args, "--out", str(out))
-    assert_refused(code, err, "shared needles", sorted(side.needles)[0])
+    code, _, err = run(monkeypatch, capsys, *args, "--out", str(out))
+    assert_only_error_line(code, err, "shared needles", sorted(side.needles)[0])
     assert not out.exists()  # nothing written
-    code, stdout, err = run_main(monkeypatch, capsys, *args, "--allow-overlap", "--out", str(out))
+    code, stdout, err = run(monkeypatch, capsys, *args, "--allow-overlap", "--out", str(out))
     assert code == 0, err
     check = json.loads((out / "summary.json").read_text())["held_out"][0]
     assert check["allowed_overlap"] and not check["disjoint"] and check["shared"]["needles"] == len(side.needles)
     # a RULER-style task avoids the atlas's needles and prose: disjoint, and recorded so
-    code, stdout, err = run_main(
+    code, stdout, err = run(
         monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", TASK, "--atlas", str(needle_atlas),
         "--out", str(tmp_path / "ruler"),
     )  # fmt: skip
@@ -204,11 +182,11 @@ def test_tune_refuses_dev_and_test_that_share_items(monkeypatch, capsys, tiny_ll
     item = {"context": "The sky is", "options": [" blue", " green"], "answer": 0}
     (tmp_path / "dev.jsonl").write_text(json.dumps(item) + "\n")
     (tmp_path / "test.jsonl").write_text(json.dumps({**item, "id": "other"}) + "\n")
-    code, _, err = run_main(
+    code, _, err = run(
         monkeypatch, capsys, "tune", str(tiny_llama_dir), "--task-dev", str(tmp_path / "dev.jsonl"),
         "--task-test", str(tmp_path / "test.jsonl"), "--edit-template", "scale_first_token:factor={f}",
     )  # fmt: skip
-    assert_refused(code, err, "1 shared items", "--allow-overlap")
+    assert_only_error_line(code, err, "1 shared items", "--allow-overlap")
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -223,41 +201,37 @@ def test_items_without_clusters_when_the_statistics_need_them(
     ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(it) + "\n" for it in items))
-    code, _, err = run_main(monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(path))
-    assert_refused(code, err, "item 'b'", 'field "cluster"')
+    code, _, err = run(monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(path))
+    assert_only_error_line(code, err, "item 'b'", 'field "cluster"')
     path.write_text(json.dumps(items[1]) + "\n")
-    code, _, err = run_main(
-        monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(path), "--units", "clusters"
-    )
-    assert_refused(code, err, 'field "cluster"')
+    code, _, err = run(monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(path), "--units", "clusters")
+    assert_only_error_line(code, err, 'field "cluster"')
 
 
 def test_power_analysis_with_effect_zero(monkeypatch, capsys, tiny_llama_dir, tmp_path, no_model_load):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"context": "x", "options": [" a", " b"], "answer": 0}) + "\n")
-    code, _, err = run_main(
-        monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(path), "--power-effect", "0"
-    )
-    assert_refused(code, err, "the effect size is 0")
+    code, _, err = run(monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(path), "--power-effect", "0")
+    assert_only_error_line(code, err, "the effect size is 0")
 
 
 def test_length_above_the_models_limit(monkeypatch, capsys, tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
-    code, _, err = run_main(
+    code, _, err = run(
         monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", "niah_single:lengths=4096:n=4", "--out", str(out)
     )
-    assert_refused(code, err, "length 4096 is above the model's limit of 256 tokens")
+    assert_only_error_line(code, err, "length 4096 is above the model's limit of 256 tokens")
     assert not out.exists()
 
 
 def test_controls_that_cannot_be_drawn(monkeypatch, capsys, tiny_llama_dir, tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"context": "x", "options": [" a", " b"], "answer": 0}) + "\n")
-    code, _, err = run_main(
+    code, _, err = run(
         monkeypatch, capsys, "eval", str(tiny_llama_dir), "--task", str(path),
         "--edit", "ablate:heads=[[0,0],[0,1],[0,2]]:mode=zero",
     )  # fmt: skip
-    assert_refused(code, err, "cannot draw 3 random heads in layer 0: it has only 1 heads no edit names")
+    assert_only_error_line(code, err, "cannot draw 3 random heads in layer 0: it has only 1 heads no edit names")
 
 
 # -- lm-evaluation-harness -------------------------------------------------------------------------

@@ -8,13 +8,13 @@ from __future__ import annotations
 import base64
 import json
 import re
-import sys
 from html.parser import HTMLParser
 
 import pytest
+from cli_runner import assert_only_error_line
+from cli_runner import run as run_cli
 from synthetic_atlas import make_atlas
 
-from headmap import cli
 from headmap.report import report_html
 from headmap.report.compress import check_compress, compress_report_html, load_compress
 
@@ -141,17 +141,6 @@ def test_report_of_a_scan_folder_with_compress_json(monkeypatch, capsys, tmp_pat
     assert page == report_html(make_atlas(evil=False), load_compress(run))
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def _edit(**change):
     data = json.loads(json.dumps(SUMMARY))
     data["summary"][1].update(change)
@@ -175,10 +164,7 @@ def test_invalid_compress_json_is_one_line_and_loses_nothing(monkeypatch, capsys
     (run / "report.html").write_text("earlier report")
     (run / "compress.json").write_text(text)
     code, _, err = run_cli(monkeypatch, capsys, "report", str(run))
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("headmap: error:") and "Traceback" not in err, err
-    assert "compress.json is not a valid compress summary" in lines[0] and needle in lines[0], lines[0]
+    assert_only_error_line(code, err, "compress.json is not a valid compress summary", needle)  # no Traceback too
     assert (run / "report.html").read_text() == "earlier report"  # nothing written, nothing lost
 
 

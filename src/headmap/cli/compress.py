@@ -722,6 +722,208 @@ def items_signature(items: list[dict[str, Any]]) -> str:
     return f"{len(items)} items, sha256 {hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]}"
 
 
+# -- merging the run folders of separate --shard runs ------------------------------------------------------------
+
+#: The fields of compress.json that every shard of one run has alike (items, shard and summary are per shard).
+SHARED_FIELDS = ("model", "task", "tasks", "max_new_tokens", "prefill", "timing", "held_out")
+
+
+def _shard_of(folder: Path) -> tuple[dict[str, Any], tuple[int, int]]:
+    """The fingerprint of the --shard run in ``folder`` and its shard (i, n); OutputError when it is none."""
+    from ..specs import is_finite_number
+
+    path = folder / FINGERPRINT_FILE
+    if not folder.is_dir():
+        raise OutputError(f"--merge {folder}: no such folder; pass the --out folders of the --shard runs")
+    if not path.is_file():
+        raise OutputError(
+            f"--merge {folder} is not a compress run folder (no {FINGERPRINT_FILE}); pass the --out folders of "
+            "the --shard runs"
+        )
+    try:
+        fp = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(fp, dict):
+            raise ValueError("not an object")
+        presses = fp.get("presses")
+        if not isinstance(presses, list) or not all(
+            isinstance(p, list) and len(p) == 3 and is_finite_number(p[1]) for p in presses
+        ):
+            raise ValueError("no list of presses")
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"--merge: {path} is damaged ({exc}); restore it, or run that shard again") from None
+    text = fp.get("shard")
+    if text is None:
+        raise OutputError(
+            f"--merge {folder} is not a --shard run (its {FINGERPRINT_FILE} has no shard): it holds a whole run "
+            "already; pass the folders of headmap compress ... --shard I/N runs"
+        )
+    index, _, count = str(text).partition("/")
+    try:
+        part = (int(index), int(count))
+    except ValueError:
+        raise OutputError(f"--merge: {path} has shard {text!r}, not I/N; restore it, or run that shard again") from None
+    if not 0 <= part[0] < part[1]:
+        raise OutputError(f"--merge: {path} has shard {text!r}, out of range; restore it, or run that shard again")
+    return fp, part
+
+
+def _finished_rows(folder: Path, fp: dict[str, Any], part: tuple[int, int]) -> tuple[dict[str, Any], list[dict]]:
+    """The compress.json and the rows of a finished shard; OutputError (what is missing) when it is not."""
+    name = f"{folder} (shard {part[0]}/{part[1]})"
+    finish = "finish it with the command that made it plus --resume"
+    summary_path, rows_path = folder / "compress.json", folder / ROWS_FILE
+    if not rows_path.is_file() or not summary_path.is_file():
+        missing = " and ".join(p.name for p in (rows_path, summary_path) if not p.is_file())
+        raise OutputError(f"--merge: {name} is not finished: it has no {missing}; {finish}")
+    try:
+        data = json.loads(summary_path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or type(data.get("items")) is not int:
+            raise ValueError("no count of items")
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"--merge: {summary_path} is damaged ({exc}); {finish}") from None
+    if data.get("shard") != fp["shard"]:
+        raise OutputError(
+            f"--merge: {summary_path} is of shard {data.get('shard')!r}, its {FINGERPRINT_FILE} of {fp['shard']!r} "
+            f"(a stopped replacement?); {finish}"
+        )
+    rows = read_rows(rows_path)
+    order = [("full", 0.0), *((str(spec), float(r)) for spec, r, _ in fp["presses"])]
+    items: dict[tuple[str, str], list[tuple[str, float]]] = {}
+    for row in rows:
+        key = (str(row.get("task")), str(row.get("item")))
+        items.setdefault(key, []).append((str(row.get("press")), float(row.get("ratio"))))
+    complete = sum(got == order for got in items.values())
+    if complete != len(items) or len(items) != data["items"]:
+        raise OutputError(
+            f"--merge: {name} is not finished: {ROWS_FILE} holds {complete} of its {data['items']} items complete; "
+            f"{finish}"
+        )
+    blocks = [rows[k : k + len(order)] for k in range(0, len(rows), len(order))]
+    keys = [{(str(r.get("task")), str(r.get("item"))) for r in block} for block in blocks]
+    if any(len(k) != 1 for k in keys) or len({next(iter(k)) for k in keys}) != len(blocks):
+        raise OutputError(f"--merge: {rows_path} does not hold each item's rows together, in run order; {finish}")
+    counted = {}
+    for row in rows:
+        got = counted.setdefault((str(row.get("press")), float(row.get("ratio"))), [0, 0])
+        got[0] += 1
+        got[1] += bool(row.get("correct"))
+    summary = data.get("summary") if isinstance(data.get("summary"), list) else []
+    told = [[t.get(k) for k in ("press", "ratio", "n", "accuracy")] if isinstance(t, dict) else t for t in summary]
+    made = [[p, r, n, c / n] for (p, r), (n, c) in counted.items()]
+    if sorted(json.dumps(t, default=str) for t in told) != sorted(json.dumps(t) for t in made):
+        raise OutputError(f"--merge: {summary_path} does not summarize {rows_path} (written by another run?); {finish}")
+    return data, rows
+
+
+def merge_shards(folders: list[Path], out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Merge the run folders of ``headmap compress ... --shard I/N`` runs (all N of one run) into ``out``.
+
+    The shards must hold the same fingerprint except the shard (the model, dtype, presses, ratios, tasks,
+    --limit, --max-new-tokens, --prefill and atlas), each shard 0 to N-1 once, each finished. ``out``
+    then holds what one process running the same command without --shard writes: compress.parquet (the
+    shards' rows in shard order), compress-fingerprint.json (without the shard: the same command with
+    --resume finds every item done), compress.json, compress.png and report.html. Every refusal is one
+    OutputError naming what differs or what is missing, before anything is written. Returns compress.json's
+    content.
+    """
+    from ..report import write_compress_report
+    from ..rundir import check_unlocked, check_writable, lock, lock_holder, write_text
+
+    if not folders:
+        raise OptionError("--merge needs the folders of the --shard runs, e.g. --merge runs/c0 --merge runs/c1")
+    shards = [(Path(f), *_shard_of(Path(f))) for f in folders]
+    first, fp0, _ = shards[0]
+    for folder, fp, _ in shards[1:]:
+        diffs = [
+            f"{key} differs: {first} has {_brief(fp0.get(key))}, {folder} {_brief(fp.get(key))}"
+            for key in dict.fromkeys([*fp0, *fp])
+            if key != "shard" and fp0.get(key) != fp.get(key)
+        ]
+        if diffs:
+            raise OutputError(f"--merge: {folder} is a shard of another compress run: {'; '.join(diffs)}")
+    counts = sorted({part[1] for _, _, part in shards})
+    if len(counts) > 1:
+        listed = ", ".join(f"{folder} is {part[0]}/{part[1]}" for folder, _, part in shards)
+        raise OutputError(
+            f"--merge: the folders are shards of different counts ({listed}); pass the N shards of one run"
+        )
+    count = counts[0]
+    given: dict[int, Path] = {}
+    for folder, _, part in shards:
+        if part[0] in given:
+            raise OutputError(
+                f"--merge: shard {part[0]}/{count} is given twice ({given[part[0]]} and {folder}); pass each shard once"
+            )
+        given[part[0]] = folder
+    missing = [f"{k}/{count}" for k in range(count) if k not in given]
+    if missing:
+        many = len(missing) > 1
+        raise OutputError(
+            f"--merge: shard{'s' if many else ''} {', '.join(missing)} {'are' if many else 'is'} missing (given: "
+            f"{', '.join(f'{k}/{count} in {given[k]}' for k in sorted(given))}); run {'them' if many else 'it'} with "
+            f"--shard {', '.join(missing)} and pass {'their folders' if many else 'its folder'} too"
+        )
+    out = Path(out)
+    for folder in given.values():
+        if out.resolve() == folder.resolve():
+            raise OutputError(f"--out {out} is one of the shard folders; choose another folder for the merged run")
+        try:
+            check_unlocked(folder)
+        except OutputError:
+            raise OutputError(
+                f"--merge: {folder} is being written by another headmap process ({lock_holder(folder)}); wait "
+                "until that run ends"
+            ) from None
+    ordered = [next(s for s in shards if s[2][0] == k) for k in range(count)]
+    done = [_finished_rows(folder, fp, part) for folder, fp, part in ordered]
+    for (folder, _, _), (data, _) in zip(ordered[1:], done[1:], strict=True):
+        diffs = [key for key in SHARED_FIELDS if data.get(key) != done[0][0].get(key)]
+        if diffs:
+            raise OutputError(
+                f"--merge: {folder / 'compress.json'} differs from {ordered[0][0] / 'compress.json'} in "
+                f"{', '.join(diffs)} (shards of one run have them alike); run that shard again"
+            )
+    total = sum(data["items"] for data, _ in done)
+    seen: dict[tuple[str, str], Path] = {}
+    for (folder, _, (k, _)), (data, rows) in zip(ordered, done, strict=True):
+        expect = total * (k + 1) // count - total * k // count
+        if data["items"] != expect:
+            raise OutputError(
+                f"--merge: {folder} (shard {k}/{count}) holds {data['items']} items, but shard {k} of {count} of a run "
+                f"of {total} items holds {expect}; run that shard again"
+            )
+        for row in rows:
+            key = (str(row.get("task")), str(row.get("item")))
+            if seen.setdefault(key, folder) != folder:
+                raise OutputError(
+                    f"--merge: item {key[1]} of task {key[0]} is in {seen[key]} and in {folder}; pass the shards of "
+                    "one run"
+                )
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder; choose a folder path")
+    check_writable(out)
+    found = earlier_results(out) if out.is_dir() else []
+    if found and not overwrite:
+        raise OutputError(
+            f"--out {out} already holds compress results ({', '.join(found)}); pass --overwrite to replace them, "
+            "or choose another --out"
+        )
+    rows = [row for _, shard_rows in done for row in shard_rows]
+    summary = summarize(rows)
+    data = {key: value for key, value in done[0][0].items() if key != "shard"}
+    data.update(items=total, summary=summary)
+    with lock(out, command=_command_line()):
+        if overwrite:
+            (out / "compress.json").unlink(missing_ok=True)  # a stop below leaves no summary of other rows
+            remove_rank_folders(out)
+        write_fingerprint(out, {**fp0, "shard": None})
+        write_rows(out / ROWS_FILE, rows)
+        write_text(out / "compress.json", json.dumps(data, indent=2))
+        plot(summary, out / "compress.png")
+        write_compress_report(out)
+    return data
+
+
 RESUME_HELP = (
     "continue the stopped run in --out (the same command): items whose rows compress.parquet holds complete are "
     "kept, the others computed; refused when the command differs from the folder's compress-fingerprint.json"
@@ -729,11 +931,23 @@ RESUME_HELP = (
 SHARD_HELP = "evaluate shard I of N only (0-based, e.g. 0/4): a contiguous run of the items"
 
 
+MODEL_HELP = "hub id, local folder or built-in name (smollm2); a causal LM (none with --merge)"
+MERGE_HELP = (
+    "merge the --out folders of separate --shard I/N runs of one command (repeat --merge for each of the N) into "
+    "--out, as one process would have written it; takes no MODEL nor run options (they come from the shards)"
+)
+#: The options --merge takes; any other option given beside it is refused.
+MERGE_OPTIONS = ("merge", "out", "overwrite", "progress")
+
+
 @app.command("compress")
 def compress_command(
-    model: Annotated[str, typer.Argument(help="hub id, local folder or built-in name (smollm2); a causal LM")],
-    press: Annotated[list[str], typer.Option("--press", help=PRESS_HELP)],
-    out: Annotated[Path, typer.Option(help="folder for compress.parquet, compress.json and compress.png")],
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Argument(help=MODEL_HELP)] = None,
+    press: Annotated[list[str] | None, typer.Option("--press", help=PRESS_HELP)] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for compress.parquet, compress.json and compress.png")] = (
+        None
+    ),
     ratio: Annotated[str, typer.Option(help="fractions of the cache removed, comma-separated")] = "0.25,0.5,0.75",
     task: Annotated[list[str] | None, typer.Option("--task", help=TASK_HELP)] = None,
     atlas: Annotated[Path | None, typer.Option(help="run folder of headmap scan (for head_aware)")] = None,
@@ -752,15 +966,27 @@ def compress_command(
     max_memory: MaxMemory = None,
     offload_folder: OffloadFolder = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar over the items")] = True,
+    merge: Annotated[list[Path] | None, typer.Option("--merge", help=MERGE_HELP)] = None,
 ) -> None:
     """Evaluate every --press at every --ratio against the full cache on the same --task items.
 
     A stopped run continues with --resume. Started by torchrun --nproc-per-node N -m headmap compress ...
-    (or accelerate launch), the ranks share the items and rank 0 writes the one run folder.
+    (or accelerate launch), the ranks share the items and rank 0 writes the one run folder. The folders
+    of separate --shard I/N runs become one run folder with --merge DIR (each of them) --out DIR.
     """
     from ..parallel import Ranks
     from ..scan.check import shard as parse_shard
 
+    needed = (("out", out),) if merge else (("model", model), ("press", press), ("out", out))
+    for name, value in needed:
+        if not value:  # required (MODEL and --press unless --merge): click's usage message, as when click checked
+            param = next(p for p in ctx.command.params if p.name == name)
+            raise sys.modules[typer.BadParameter.__module__].MissingParameter(ctx=ctx, param=param)
+    assert out is not None
+    if merge:
+        _merge_command(ctx, merge, out, overwrite)
+        return
+    assert model is not None and press is not None
     tasks = list(task or ["needle"])
     ratios = parse_ratios(ratio)
     steps = parse_steps(max_new_tokens)
@@ -787,6 +1013,32 @@ def compress_command(
     finally:
         if ranks is not None:
             ranks.close()
+
+
+def _merge_command(ctx: typer.Context, folders: list[Path], out: Path, overwrite: bool) -> None:
+    """``headmap compress --merge DIR ... --out DIR``: refuse any run option beside it, merge, say what was written."""
+    given = [
+        p for p in ctx.command.params
+        if p.name not in MERGE_OPTIONS and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"
+    ]  # fmt: skip
+    if given:
+        names = ", ".join(p.name.upper() if p.param_type_name == "argument" else p.opts[0] for p in given)
+        raise OptionError(
+            f"--merge takes the shard folders, --out and --overwrite only (the run's settings come from the shards); "
+            f"drop {names}"
+        )
+    data = merge_shards(folders, out, overwrite)
+    for s in data["summary"]:
+        console.print(
+            f"{s['press']:<28} ratio {s['ratio']:.2f}  accuracy {s['accuracy']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
+            f"  cache {s['cache_bytes'] / 2**20:.2f} MiB",
+            highlight=False, markup=False, soft_wrap=True,
+        )  # fmt: skip
+    console.print(
+        f"merged {len(folders)} shards ({data['items']} items) into {out}: wrote {out / ROWS_FILE}, "
+        f"{out / 'compress.json'}, {out / 'compress.png'}, {out / 'report.html'}",
+        highlight=False, markup=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 def _compress(
