@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from cli_runner import run
-from test_presses_cli import one_line_error
+from cli_runner import assert_one_line_error, run
 
 from headmap.cli import compress as cc
 
@@ -156,7 +155,7 @@ def test_resume_with_another_command_is_one_line_and_loses_nothing(
         tiny_llama_dir, task_file, out, "--resume", *change.get("extra", []), ratio=change.get("ratio", "0.25,0.5")
     )
     code, _, err = run(monkeypatch, capsys, *args)
-    one_line_error(code, err, needle, "--resume", "choose another --out")
+    assert_one_line_error(code, err, needle, "--resume", "choose another --out")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
@@ -167,7 +166,7 @@ def test_another_task_file_content_is_refused(monkeypatch, capsys, tiny_llama_di
     stopped(monkeypatch, capsys, tiny_llama_dir, task, out, 1)
     task.write_text(task_file.read_text().replace("cat", "cow", 1))
     code, _, err = run(monkeypatch, capsys, *argv(tiny_llama_dir, task, out, "--resume"))
-    one_line_error(code, err, "tasks differs")
+    assert_one_line_error(code, err, "tasks differs")
 
 
 def test_without_resume_an_earlier_run_is_refused(monkeypatch, capsys, tiny_llama_dir, task_file, tmp_path):
@@ -175,10 +174,10 @@ def test_without_resume_an_earlier_run_is_refused(monkeypatch, capsys, tiny_llam
     stopped(monkeypatch, capsys, tiny_llama_dir, task_file, out, 1)
     before = (out / "compress.parquet").read_bytes()
     code, _, err = run(monkeypatch, capsys, *argv(tiny_llama_dir, task_file, out))
-    one_line_error(code, err, "already holds compress results", "--resume", "--overwrite", "another --out")
+    assert_one_line_error(code, err, "already holds compress results", "--resume", "--overwrite", "another --out")
     assert (out / "compress.parquet").read_bytes() == before
     code, _, err = run(monkeypatch, capsys, *argv(tiny_llama_dir, task_file, out, "--resume", "--overwrite"))
-    one_line_error(code, err, "pass one of them")
+    assert_one_line_error(code, err, "pass one of them")
     assert (out / "compress.parquet").read_bytes() == before
 
 
@@ -225,7 +224,7 @@ def test_an_old_folder_is_adopted_by_the_script_then_resumed(
     stopped(monkeypatch, capsys, tiny_llama_dir, task_file, out, 2)
     (out / cc.FINGERPRINT_FILE).unlink()  # as an older headmap left it
     code, _, err = run(monkeypatch, capsys, *argv(tiny_llama_dir, task_file, out, "--resume"))
-    one_line_error(code, err, "no compress-fingerprint.json", "bench/compress_fingerprint.py")
+    assert_one_line_error(code, err, "no compress-fingerprint.json", "bench/compress_fingerprint.py")
     # the script checks the table's presses and ratios against the arguments
     code, _, err = adopt(monkeypatch, capsys, out, *argv(tiny_llama_dir, task_file, out, ratio="0.25,0.75"))
     assert code == 2 and "only in the table [('knorm', 0.5), ('snapkv:window=8', 0.5)]" in err, err
@@ -263,5 +262,5 @@ def test_shards_cover_the_items_once(monkeypatch, capsys, tiny_llama_dir, task_f
 def test_bad_shard(monkeypatch, capsys, tiny_llama_dir, task_file, tmp_path, shard, needle):
     out = tmp_path / "o"
     code, _, err = run(monkeypatch, capsys, *argv(tiny_llama_dir, task_file, out, "--shard", shard))
-    one_line_error(code, err, needle)
+    assert_one_line_error(code, err, needle)
     assert not (out / "compress.parquet").exists() and not (out / cc.FINGERPRINT_FILE).exists()

@@ -6,15 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from cli_runner import run
-
-
-def one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("headmap: error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
+from cli_runner import assert_one_line_error, run
 
 
 @pytest.fixture
@@ -62,7 +54,7 @@ def test_bad_options(monkeypatch, capsys, tiny_llama_dir, task_file, tmp_path, a
     out = tmp_path / "run"
     code, _, err = run(monkeypatch, capsys, "compress", str(tiny_llama_dir), *args, "--task", str(task_file),
                        "--out", str(out))  # fmt: skip
-    one_line_error(code, err, *needles)
+    assert_one_line_error(code, err, *needles)
     assert not out.exists()  # nothing written before the options are checked
 
 
@@ -71,7 +63,7 @@ def test_malformed_task_line(monkeypatch, capsys, tiny_llama_dir, tmp_path):
     task.write_text('{"context": "a b c", "answer": "c"}\n{"context": 3}\n')
     code, _, err = run(monkeypatch, capsys, "compress", str(tiny_llama_dir), "--press", "knorm", "--task", str(task),
                        "--out", str(tmp_path / "o"))  # fmt: skip
-    one_line_error(code, err, "line 2")
+    assert_one_line_error(code, err, "line 2")
 
 
 def test_existing_table_is_not_replaced(monkeypatch, capsys, tiny_llama_dir, task_file, tmp_path):
@@ -80,7 +72,7 @@ def test_existing_table_is_not_replaced(monkeypatch, capsys, tiny_llama_dir, tas
     (out / "compress.parquet").write_text("earlier")
     code, _, err = run(monkeypatch, capsys, "compress", str(tiny_llama_dir), "--press", "knorm", "--task",
                        str(task_file), "--out", str(out))  # fmt: skip
-    one_line_error(code, err, "--overwrite")
+    assert_one_line_error(code, err, "--overwrite")
     assert (out / "compress.parquet").read_text() == "earlier"
 
 
@@ -90,7 +82,7 @@ def test_context_longer_than_the_model_limit(monkeypatch, capsys, tiny_llama_dir
     out = tmp_path / "o"
     code, _, err = run(monkeypatch, capsys, "compress", str(tiny_llama_dir), "--press", "knorm", "--task", str(task),
                        "--out", str(out))  # fmt: skip
-    one_line_error(code, err, "item long-1", "limit of 256")
+    assert_one_line_error(code, err, "item long-1", "limit of 256")
     assert not (out / "compress.parquet").exists()
 
 
@@ -128,7 +120,7 @@ def test_prefill_mode_must_be_known(monkeypatch, capsys, tiny_llama_dir, task_fi
     out = tmp_path / "o"
     code, _, err = run(monkeypatch, capsys, "compress", str(tiny_llama_dir), "--press", "knorm", "--task",
                        str(task_file), "--prefill", "twice", "--out", str(out))  # fmt: skip
-    one_line_error(code, err, "--prefill must be one of shared, each")
+    assert_one_line_error(code, err, "--prefill must be one of shared, each")
     assert not out.exists()
 
 
@@ -189,7 +181,7 @@ def test_bad_task_options(monkeypatch, capsys, tiny_llama_dir, tmp_path, task, n
     out = tmp_path / "o"
     code, _, err = run(monkeypatch, capsys, "compress", str(tiny_llama_dir), "--press", "knorm", "--task", task,
                        "--out", str(out))  # fmt: skip
-    one_line_error(code, err, needle)
+    assert_one_line_error(code, err, needle)
     assert not out.exists()
 
 
@@ -241,7 +233,7 @@ def test_an_overlap_with_the_atlas_corpus_is_refused_unless_allowed(
     args = ["compress", str(tiny_llama_dir), "--press", "knorm", "--ratio", "0.5", "--atlas", str(scanned_atlas),
             "--task", str(task), "--max-new-tokens", "2", "--out", str(out)]  # fmt: skip
     code, _, err = run(monkeypatch, capsys, *args)
-    one_line_error(code, err, "overlap", "1 shared needles (Oslo=12345)", "--allow-overlap")
+    assert_one_line_error(code, err, "overlap", "1 shared needles (Oslo=12345)", "--allow-overlap")
     assert not out.exists()  # refused before the model loads
     code, _, err = run(monkeypatch, capsys, *args, "--allow-overlap")
     assert code == 0, err
