@@ -102,7 +102,9 @@ def llava_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     path = tmp_path_factory.mktemp("task") / "t.jsonl"
-    lines = [{"context": f"what colour is the circle {i}", "options": [" red", " blue"], "answer": i % 2} for i in range(4)]
+    lines = [
+        {"context": f"what colour is the circle {i}", "options": [" red", " blue"], "answer": i % 2} for i in range(4)
+    ]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
 

@@ -70,8 +70,10 @@ def scan(
 ) -> Atlas:
     """Measure ``probes`` on ``model`` over ``corpus``; write the run to ``out`` when given.
 
-    ``model`` is a model object (then pass its ``tokenizer``), a built-in name (``smollm2``,
-    ``minilm``), a local folder, a ``.gguf`` file or a hub id; None means ``smollm2``.
+    ``model`` is a model object (then pass its ``tokenizer``; a vision-language model or Whisper: its
+    processor; a vision encoder alone (ViT, CLIP or SigLIP vision): its image processor, which may be left
+    out when the model's ``name_or_path`` folder holds one), a built-in name (``smollm2``, ``minilm``), a
+    local folder, a ``.gguf`` file or a hub id; None means ``smollm2``.
 
     ``probes``: names (comma-separated, each with ``:key=value`` parameters as on the command line),
     a list of names or of Probe objects; None runs the

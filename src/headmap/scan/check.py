@@ -12,7 +12,7 @@ from typing import Any
 
 from ..engine import check_supported
 from ..errors import OptionError, ProbeError
-from ..models import LoadedModel, load_model, wrap_model
+from ..models import LoadedModel, load_model, pixel_tokenizer, wrap_model
 from ..probes import PROBES, Probe, make_probes
 
 DEFAULT_MAX_LENGTH = 512
@@ -81,7 +81,9 @@ def load(
                 "from_pretrained(device_map=...) yourself and pass it"
             )
         processor = None
-        if getattr(tokenizer, "image_processor", None) is not None and getattr(tokenizer, "tokenizer", None):
+        if _vision_only(model):  # ViT, CLIP or SigLIP vision alone: it reads pictures, no text
+            processor, tokenizer = vision_processor(model, tokenizer), pixel_tokenizer()
+        elif getattr(tokenizer, "image_processor", None) is not None and getattr(tokenizer, "tokenizer", None):
             processor, tokenizer = tokenizer, tokenizer.tokenizer  # a VLM's processor given as its tokenizer
         elif getattr(tokenizer, "feature_extractor", None) is not None and getattr(tokenizer, "tokenizer", None):
             processor, tokenizer = tokenizer, tokenizer.tokenizer  # Whisper's processor given as its tokenizer
@@ -90,6 +92,44 @@ def load(
             loaded.extra["processor"] = processor
     check_supported(loaded.model)
     return loaded
+
+
+def _vision_only(model: Any) -> bool:
+    """Whether a model object is a vision encoder alone (ViT, CLIP or SigLIP vision: it reads ``pixel_values``)."""
+    encdec = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return getattr(model, "main_input_name", None) == "pixel_values" and not encdec
+
+
+def _is_image_processor(obj: Any) -> bool:
+    return obj is not None and callable(obj) and hasattr(obj, "preprocess") and not hasattr(obj, "tokenizer")
+
+
+def vision_processor(model: Any, given: Any = None) -> Any:
+    """The image processor of a vision encoder passed as an object: ``given`` (an image processor, or a processor
+    that holds one, passed as ``tokenizer=``), else ``AutoImageProcessor`` from the model's ``name_or_path`` (its
+    folder or hub id, as ``headmap scan DIR`` reads the folder's); OptionError saying what to pass when neither
+    is found."""
+    held = getattr(given, "image_processor", None)
+    for candidate in (held, given):
+        if _is_image_processor(candidate):
+            return candidate
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if name:
+        from transformers import AutoImageProcessor
+
+        try:
+            found = AutoImageProcessor.from_pretrained(name)
+        except Exception:  # noqa: BLE001  (no processor files, no hub: any of several errors)
+            found = None
+        if _is_image_processor(found):
+            return found
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    reasons = [f"tokenizer= got a {type(given).__name__}, not an image processor"] if given is not None else []
+    reasons.append(f"none could be loaded from {name}" if name else "none was passed, and the model names no folder")
+    raise OptionError(
+        f"the model ({model_type}) is a vision encoder alone: it reads pictures prepared by its image processor, "
+        f"and {', and '.join(reasons)}; pass it: headmap.scan(model, tokenizer=AutoImageProcessor.from_pretrained(...))"
+    )
 
 
 def max_length(max_length: int | None, loaded: LoadedModel) -> int:
