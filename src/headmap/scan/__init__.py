@@ -67,6 +67,7 @@ def scan(
     max_memory: str | dict[Any, Any] | None = None,
     offload_folder: str | Path | None = None,
     shard: str | tuple[int, int] | None = None,
+    map_inputs: int | None = None,
 ) -> Atlas:
     """Measure ``probes`` on ``model`` over ``corpus``; write the run to ``out`` when given.
 
@@ -88,6 +89,9 @@ def scan(
     those of a single-device run.
     ``shard``: ``"i/n"`` (0-based) scans shard i of n only: a contiguous run of whole batches of every
     corpus group, inputs numbered as in the whole corpus.
+    ``map_inputs``: how many inputs (the first of the corpus) get maps in the report: the image overlays of
+    ``image_attention`` (the probe keeps that many: its ``samples``) and the cross-attention alignment maps of
+    an encoder-decoder; None: the probe's ``samples`` when given, else 2 (recorded in ``meta.options``).
 
     Started by ``torchrun --nproc-per-node N -m headmap scan ...`` (or ``accelerate launch``), the ranks
     share the corpus and rank 0 writes the one run folder (:mod:`headmap.scan.distributed`); scan()
@@ -102,6 +106,7 @@ def scan(
     started = time.time()
     # check: everything a user can get wrong, before the first forward pass
     named = check.named_probes(probes)
+    maps = check.map_inputs(map_inputs, probes, named)
     out_dir = check.options(batch_size, checkpoint_every_s, out, resume)
     part = check.shard(shard)
     ranks = Ranks.start(device)  # None: one process; else this rank of a torchrun / accelerate launch
@@ -114,7 +119,7 @@ def scan(
         return _scan(
             started, named, out_dir, part, ranks, model, tokenizer, corpus, max_length, batch_size, limit, dtype,
             device, overwrite, seed, progress, resume, checkpoint_every_s, strict,
-            {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder},
+            {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}, maps,
         )  # fmt: skip
     finally:
         ENGINE_CONFIG.budget_bytes = budget
@@ -143,6 +148,7 @@ def _scan(
     checkpoint_every_s: float,
     strict: bool,
     placement: dict[str, Any],
+    map_inputs: int = check.MAP_INPUTS,
 ) -> Atlas:
     lead = ranks is None or ranks.leader
     together = ranks.together if ranks is not None else (lambda step: step())
@@ -214,6 +220,7 @@ def _scan(
             "limit": limit,
             "checkpoint_every_s": checkpoint_every_s,
             "strict": strict,
+            "map_inputs": map_inputs,
         }
         if part is not None:
             options["shard"] = f"{part[0]}/{part[1]}"
