@@ -89,9 +89,9 @@ def scan(
     those of a single-device run.
     ``shard``: ``"i/n"`` (0-based) scans shard i of n only: a contiguous run of whole batches of every
     corpus group, inputs numbered as in the whole corpus.
-    ``map_inputs``: how many inputs (the first of the corpus) get maps in the report: the image overlays of
-    ``image_attention`` (the probe keeps that many: its ``samples``) and the cross-attention alignment maps of
-    an encoder-decoder; None: the probe's ``samples`` when given, else 2 (recorded in ``meta.options``).
+    ``map_inputs``: how many inputs (the first of the corpus) get maps in the report: the image overlays (a
+    probe that keeps per-input maps, ``needs.map_inputs``, keeps that many) and the cross-attention alignment
+    maps of an encoder-decoder; None: the count such a probe was given, else 2 (recorded in ``meta.options``).
 
     Started by ``torchrun --nproc-per-node N -m headmap scan ...`` (or ``accelerate launch``), the ranks
     share the corpus and rank 0 writes the one run folder (:mod:`headmap.scan.distributed`); scan()

@@ -16,8 +16,8 @@ from ..models import LoadedModel, load_model, pixel_tokenizer, wrap_model
 from ..probes import PROBES, Probe, make_probes
 
 DEFAULT_MAX_LENGTH = 512
-#: Inputs that get maps in the report when ``--map-inputs`` is not given: the image overlays (probe
-#: ``image_attention``, whose own default ``samples`` this is) and the encoder-decoder alignment maps.
+#: Inputs that get maps in the report when ``--map-inputs`` is not given: the image overlays (the default
+#: count of the probe that keeps them) and the encoder-decoder alignment maps.
 MAP_INPUTS = 2
 
 
@@ -36,39 +36,41 @@ def named_probes(probes: str | Sequence[str] | Sequence[Probe] | None) -> list[P
 
 
 def map_inputs(value: Any, probes: Any, named: list[Probe] | None) -> int:
-    """How many inputs get maps in the report (``--map-inputs``), and the ``image_attention`` probes set to keep
-    that many (``samples``). ``value`` None: the ``samples`` an ``image_attention`` probe was given, else
-    :data:`MAP_INPUTS`. OptionError when it is not a whole number >= 1, or when it disagrees with a ``samples``
-    the probe was given (``image_attention:samples=3`` in ``probes``, or a probe object)."""
+    """How many inputs get maps in the report (``--map-inputs``), and the probes that keep per-input maps
+    (``needs.map_inputs``: the parameter that counts them) set to keep
+    that many. ``value`` None: the count such a probe was given, else :data:`MAP_INPUTS`. OptionError when it is
+    not a whole number >= 1, or when it disagrees with a count a probe was given (``NAME:samples=3`` in
+    ``probes``, or a probe object)."""
     from ..specs import is_whole
 
     if value is not None and (not is_whole(value) or value < 1):
         raise OptionError(f"--map-inputs must be a whole number >= 1 (got {value!r})")
-    keep = [p for p in named or () if p.name == "image_attention"]
-    given = _given_samples(probes, keep)
+    keep = [p for p in named or () if p.needs.map_inputs]
+    given = _given_count(probes, keep)
     if value is None:
-        value = given if given is not None else MAP_INPUTS
-    elif given is not None and given != value:
+        value = given[1] if given is not None else MAP_INPUTS
+    elif given is not None and given[1] != value:
         raise OptionError(
-            f"--map-inputs {value} and image_attention:samples={given} disagree: give one of them (both say how "
-            "many inputs get image overlays)"
+            f"--map-inputs {value} and {given[0]}={given[1]} disagree: give one of them (both say how many inputs "
+            "get maps in the report)"
         )
     for probe in keep:
-        probe.samples = int(value)
+        setattr(probe, probe.needs.map_inputs, int(value))
     return int(value)
 
 
-def _given_samples(probes: Any, keep: list[Probe]) -> int | None:
-    """The ``samples`` named for ``image_attention`` (in a spec string, or set on a probe object), else None."""
+def _given_count(probes: Any, keep: list[Probe]) -> tuple[str, int] | None:
+    """(``NAME:param``, value) of the first probe of ``keep`` whose count the user gave (in a spec string, or a
+    probe object), else None."""
     import re
 
-    if not keep:
-        return None
     specs = [probes] if isinstance(probes, str) else list(probes or ())
     text = ",".join(x for x in specs if isinstance(x, str))
-    named = re.search(r"\bimage_attention:samples=", text) is not None
-    if named or any(not isinstance(x, str) for x in specs):
-        return int(keep[0].samples)
+    objects = any(not isinstance(x, str) for x in specs)
+    for probe in keep:
+        param = probe.needs.map_inputs
+        if objects or re.search(rf"\b{re.escape(probe.name)}:(?:[^,]*:)?{re.escape(param)}=", text):
+            return f"{probe.name}:{param}", int(probe.params()[param])
     return None
 
 
