@@ -62,6 +62,13 @@ def scan(
         bool, typer.Option(help="refuse corpus lines longer than --max-length instead of truncating them")
     ] = False,
     report: Annotated[bool, typer.Option(help="also write the HTML report, report.html, into --out")] = False,
+    map_inputs: Annotated[
+        int | None,
+        typer.Option(
+            help="inputs (the first of the corpus) that get maps in the report: image overlays (image_attention "
+            "keeps that many) and encoder-decoder alignment maps (default: 2, or image_attention's samples)"
+        ),
+    ] = None,
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
     offload_folder: OffloadFolder = None,
@@ -100,6 +107,7 @@ def scan(
                 strict=strict,
                 **placement(device_map, max_memory, offload_folder),
                 shard=shard,
+                map_inputs=map_inputs,
             )
     except KeyboardInterrupt as exc:  # typer would swallow it into a bare exit code: say what was kept
         if isinstance(exc, ScanInterrupted):

@@ -4,7 +4,13 @@ effects, beside their distribution, and compared item by item with the controls'
 
 By default a control draws from the same layers as the edit (as many heads in each layer as the
 edit names there), so that it differs from the edit only in which heads of those layers it touches;
-``match="uniform"`` draws from every layer (docs/methods/random_heads.md)."""
+``match="uniform"`` draws from every layer (docs/methods/random_heads.md).
+
+**Towers.** An edit acts on one tower (``tower=``; None: the model's language tower, docs/multimodal.md),
+and its control is drawn from that tower: its layers and its head counts (a VLM's vision tower has other
+counts than its language model; an encoder-decoder's encoder others than its decoder). The heads one
+edit names never enter the pool of its own tower, and a head of another tower with the same numbers is a
+different head."""
 
 from __future__ import annotations
 
@@ -17,19 +23,44 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..engine import language_tower
 from ..errors import EditError, ModelError
 from ..models import model_shape
 from .editing import describe_edits
 from .scoring import Comparison, EvalResult, compare
 
 
-def model_heads(model: torch.nn.Module) -> list[tuple[int, int]]:
-    """Every (layer, query head) of the model."""
-    try:
-        layers, heads, _ = model_shape(model)
-    except ModelError:
-        raise EditError("cannot tell the model's layers and heads from its config") from None
-    return [(layer, head) for layer in range(layers) for head in range(heads)]
+def model_heads(model: torch.nn.Module, tower: str | None = None) -> list[tuple[int, int]]:
+    """Every (layer, query head) of one tower of the model (None: its language tower).
+
+    The language tower reads :func:`headmap.models.model_shape`; another tower its own counts from the config
+    (:func:`headmap.edits.base.tower_shape`: a VLM's ``vision_config``, an encoder-decoder's encoder);
+    Mllama's ``cross`` tower is its cross-attention layers only (``text_config.cross_attention_layers``)."""
+    from ..edits.base import tower_shape
+
+    main = language_tower(model)
+    tower = tower or main
+    if tower == main:
+        try:
+            layers, heads, _ = model_shape(model)
+        except ModelError:
+            raise EditError("cannot tell the model's layers and heads from its config") from None
+    else:
+        shape = tower_shape(model, tower)
+        if shape is None:
+            raise EditError(
+                f"cannot tell the layers and heads of the model's {tower} tower from its config, so no random "
+                f"heads can be drawn there; run the edit without controls (--random-heads 0)"
+            )
+        layers, heads = shape
+    numbers = range(layers)
+    if tower == "cross" and main == "text":  # Mllama: cross-attention layers sit among the text layers
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        listed = getattr(text, "cross_attention_layers", None)
+        if listed:
+            numbers = sorted(int(la) for la in listed if 0 <= int(la) < layers)
+    return [(layer, head) for layer in numbers for head in range(heads)]
 
 
 #: How controls are drawn: ``layer`` (as many heads in each layer as the edit names there) or ``uniform``.
@@ -38,25 +69,34 @@ MATCHES = ("layer", "uniform")
 DEFAULT_CONTROLS = 20
 
 
+def edit_tower(edit: Any, model: torch.nn.Module) -> str:
+    """The tower ``edit`` acts on: its ``tower=``, else the model's language tower."""
+    return getattr(edit, "tower", None) or language_tower(model)
+
+
 def random_like(edits: Sequence, model: torch.nn.Module, seed: int, match: str = "layer") -> list:
     """Copies of ``edits`` that touch as many heads as each does, drawn at random (seeded) from the
     model's heads that no edit of ``edits`` touches: the control for "these heads matter".
 
-    ``match="layer"`` (default) draws, in every layer, as many heads as the edit names in that layer;
-    ``"uniform"`` draws from every layer. EditError (saying how many heads there are) when a layer
-    has fewer unedited heads than asked."""
+    Each edit's heads are drawn from its own tower (``tower=``; None: the language tower), with that
+    tower's layers and head counts. ``match="layer"`` (default) draws, in every layer, as many heads as
+    the edit names in that layer; ``"uniform"`` draws from every layer of the tower. EditError (saying
+    how many heads there are) when a layer has fewer unedited heads than asked."""
     if match not in MATCHES:
         raise EditError(f"the control's head draw must be one of {', '.join(MATCHES)} (got {match!r})")
     for e in edits:
         if getattr(e, "heads", None) is None and getattr(e, "heads_rule", None) is not None:
             from ..edits import Edit
 
-            Edit.bind(e, model)  # resolve the heads rule against the atlas
+            Edit.bind(e, model)  # resolve the heads rule against the atlas (the rows of the edit's tower)
     named = [e for e in edits if getattr(e, "heads", None) is not None]
     if not named:
         raise EditError("a random-heads control needs edits that name their heads (heads=...)")
-    taken = {h for e in named for h in e.heads}
-    pool = [h for h in model_heads(model) if h not in taken]
+    main = language_tower(model)
+    taken = {(edit_tower(e, model), la, h) for e in named for la, h in e.heads}
+    pools: dict[str, list[tuple[int, int]]] = {}
+    for tower in sorted({edit_tower(e, model) for e in named}):
+        pools[tower] = [h for h in model_heads(model, tower) if (tower, *h) not in taken]
     rng = np.random.default_rng(seed)
     out = []
     for e in edits:
@@ -64,10 +104,14 @@ def random_like(edits: Sequence, model: torch.nn.Module, seed: int, match: str =
         if heads is None:
             out.append(e)
             continue
+        tower = edit_tower(e, model)
+        pool = pools[tower]
+        where = "" if tower == main else f" of the {tower} tower"
         if match == "uniform":
             if len(heads) > len(pool):
                 raise EditError(
-                    f"cannot draw {len(heads)} random heads: the edits leave only {len(pool)} heads unedited"
+                    f"cannot draw {len(heads)} random heads{where}: the edits leave only {len(pool)} heads "
+                    "unedited" + (f" there; edit fewer heads of the {tower} tower" if where else "")
                 )
             pick = sorted(pool[i] for i in rng.choice(len(pool), size=len(heads), replace=False))
         else:
@@ -77,8 +121,9 @@ def random_like(edits: Sequence, model: torch.nn.Module, seed: int, match: str =
                 free = [h for h in pool if h[0] == layer]
                 if want > len(free):
                     raise EditError(
-                        f"cannot draw {want} random heads in layer {layer}: it has only {len(free)} heads no edit "
-                        f"names; edit fewer heads there, or draw controls from every layer (--control-heads uniform)"
+                        f"cannot draw {want} random heads in layer {layer}{where}: it has only {len(free)} heads no "
+                        f"edit names; edit fewer heads there, or draw controls from every layer (--control-heads "
+                        "uniform)"
                     )
                 pick += [free[i] for i in rng.choice(len(free), size=want, replace=False)]
             pick = sorted(pick)

@@ -61,6 +61,9 @@ class Needs:
     qk: bool = False
     #: Part of the default probe set (``headmap scan`` without ``--probes``).
     default: bool = True
+    #: The name of the probe's parameter that counts the first inputs it keeps maps of for the report
+    #: (None: none); a scan's ``--map-inputs`` sets it unless the user gave it (docs/multimodal.md).
+    map_inputs: str | None = None
 
     def __post_init__(self) -> None:
         if self.corpus is not None and self.corpus not in CORPUS_KINDS:

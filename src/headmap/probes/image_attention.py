@@ -29,7 +29,7 @@ class ImageAttentionProbe(Probe):
     samples: int = 2
 
     name = "image_attention"
-    needs = Needs(corpus="images", default_corpus="shapes", default=False)
+    needs = Needs(corpus="images", default_corpus="shapes", default=False, map_inputs="samples")
     tower_aware = True  # reads the text tower only, on purpose
 
     _rows: list[dict[str, Any] | None] = field(default_factory=list, init=False, repr=False)

@@ -67,11 +67,14 @@ def scan(
     max_memory: str | dict[Any, Any] | None = None,
     offload_folder: str | Path | None = None,
     shard: str | tuple[int, int] | None = None,
+    map_inputs: int | None = None,
 ) -> Atlas:
     """Measure ``probes`` on ``model`` over ``corpus``; write the run to ``out`` when given.
 
-    ``model`` is a model object (then pass its ``tokenizer``), a built-in name (``smollm2``,
-    ``minilm``), a local folder, a ``.gguf`` file or a hub id; None means ``smollm2``.
+    ``model`` is a model object (then pass its ``tokenizer``; a vision-language model or Whisper: its
+    processor; a vision encoder alone (ViT, CLIP or SigLIP vision): its image processor, which may be left
+    out when the model's ``name_or_path`` folder holds one), a built-in name (``smollm2``, ``minilm``), a
+    local folder, a ``.gguf`` file or a hub id; None means ``smollm2``.
 
     ``probes``: names (comma-separated, each with ``:key=value`` parameters as on the command line),
     a list of names or of Probe objects; None runs the
@@ -86,6 +89,9 @@ def scan(
     those of a single-device run.
     ``shard``: ``"i/n"`` (0-based) scans shard i of n only: a contiguous run of whole batches of every
     corpus group, inputs numbered as in the whole corpus.
+    ``map_inputs``: how many inputs (the first of the corpus) get maps in the report: the image overlays (a
+    probe that keeps per-input maps, ``needs.map_inputs``, keeps that many) and the cross-attention alignment
+    maps of an encoder-decoder; None: the count such a probe was given, else 2 (recorded in ``meta.options``).
 
     Started by ``torchrun --nproc-per-node N -m headmap scan ...`` (or ``accelerate launch``), the ranks
     share the corpus and rank 0 writes the one run folder (:mod:`headmap.scan.distributed`); scan()
@@ -100,6 +106,7 @@ def scan(
     started = time.time()
     # check: everything a user can get wrong, before the first forward pass
     named = check.named_probes(probes)
+    maps = check.map_inputs(map_inputs, probes, named)
     out_dir = check.options(batch_size, checkpoint_every_s, out, resume)
     part = check.shard(shard)
     ranks = Ranks.start(device)  # None: one process; else this rank of a torchrun / accelerate launch
@@ -112,7 +119,7 @@ def scan(
         return _scan(
             started, named, out_dir, part, ranks, model, tokenizer, corpus, max_length, batch_size, limit, dtype,
             device, overwrite, seed, progress, resume, checkpoint_every_s, strict,
-            {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder},
+            {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}, maps,
         )  # fmt: skip
     finally:
         ENGINE_CONFIG.budget_bytes = budget
@@ -141,6 +148,7 @@ def _scan(
     checkpoint_every_s: float,
     strict: bool,
     placement: dict[str, Any],
+    map_inputs: int = check.MAP_INPUTS,
 ) -> Atlas:
     lead = ranks is None or ranks.leader
     together = ranks.together if ranks is not None else (lambda step: step())
@@ -212,6 +220,7 @@ def _scan(
             "limit": limit,
             "checkpoint_every_s": checkpoint_every_s,
             "strict": strict,
+            "map_inputs": map_inputs,
         }
         if part is not None:
             options["shard"] = f"{part[0]}/{part[1]}"

@@ -12,10 +12,13 @@ from typing import Any
 
 from ..engine import check_supported
 from ..errors import OptionError, ProbeError
-from ..models import LoadedModel, load_model, wrap_model
+from ..models import LoadedModel, load_model, pixel_tokenizer, wrap_model
 from ..probes import PROBES, Probe, make_probes
 
 DEFAULT_MAX_LENGTH = 512
+#: Inputs that get maps in the report when ``--map-inputs`` is not given: the image overlays (the default
+#: count of the probe that keeps them) and the encoder-decoder alignment maps.
+MAP_INPUTS = 2
 
 
 def named_probes(probes: str | Sequence[str] | Sequence[Probe] | None) -> list[Probe] | None:
@@ -30,6 +33,45 @@ def named_probes(probes: str | Sequence[str] | Sequence[Probe] | None) -> list[P
     if isinstance(items, list) and isinstance(items[0], Probe):
         return items
     return make_probes(items)
+
+
+def map_inputs(value: Any, probes: Any, named: list[Probe] | None) -> int:
+    """How many inputs get maps in the report (``--map-inputs``), and the probes that keep per-input maps
+    (``needs.map_inputs``: the parameter that counts them) set to keep
+    that many. ``value`` None: the count such a probe was given, else :data:`MAP_INPUTS`. OptionError when it is
+    not a whole number >= 1, or when it disagrees with a count a probe was given (``NAME:samples=3`` in
+    ``probes``, or a probe object)."""
+    from ..specs import is_whole
+
+    if value is not None and (not is_whole(value) or value < 1):
+        raise OptionError(f"--map-inputs must be a whole number >= 1 (got {value!r})")
+    keep = [p for p in named or () if p.needs.map_inputs]
+    given = _given_count(probes, keep)
+    if value is None:
+        value = given[1] if given is not None else MAP_INPUTS
+    elif given is not None and given[1] != value:
+        raise OptionError(
+            f"--map-inputs {value} and {given[0]}={given[1]} disagree: give one of them (both say how many inputs "
+            "get maps in the report)"
+        )
+    for probe in keep:
+        setattr(probe, probe.needs.map_inputs, int(value))
+    return int(value)
+
+
+def _given_count(probes: Any, keep: list[Probe]) -> tuple[str, int] | None:
+    """(``NAME:param``, value) of the first probe of ``keep`` whose count the user gave (in a spec string, or a
+    probe object), else None."""
+    import re
+
+    specs = [probes] if isinstance(probes, str) else list(probes or ())
+    text = ",".join(x for x in specs if isinstance(x, str))
+    objects = any(not isinstance(x, str) for x in specs)
+    for probe in keep:
+        param = probe.needs.map_inputs
+        if objects or re.search(rf"\b{re.escape(probe.name)}:(?:[^,]*:)?{re.escape(param)}=", text):
+            return f"{probe.name}:{param}", int(probe.params()[param])
+    return None
 
 
 def options(batch_size: int, checkpoint_every_s: float, out: str | Path | None, resume: bool) -> Path | None:
@@ -81,7 +123,9 @@ def load(
                 "from_pretrained(device_map=...) yourself and pass it"
             )
         processor = None
-        if getattr(tokenizer, "image_processor", None) is not None and getattr(tokenizer, "tokenizer", None):
+        if _vision_only(model):  # ViT, CLIP or SigLIP vision alone: it reads pictures, no text
+            processor, tokenizer = vision_processor(model, tokenizer), pixel_tokenizer()
+        elif getattr(tokenizer, "image_processor", None) is not None and getattr(tokenizer, "tokenizer", None):
             processor, tokenizer = tokenizer, tokenizer.tokenizer  # a VLM's processor given as its tokenizer
         elif getattr(tokenizer, "feature_extractor", None) is not None and getattr(tokenizer, "tokenizer", None):
             processor, tokenizer = tokenizer, tokenizer.tokenizer  # Whisper's processor given as its tokenizer
@@ -90,6 +134,44 @@ def load(
             loaded.extra["processor"] = processor
     check_supported(loaded.model)
     return loaded
+
+
+def _vision_only(model: Any) -> bool:
+    """Whether a model object is a vision encoder alone (ViT, CLIP or SigLIP vision: it reads ``pixel_values``)."""
+    encdec = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return getattr(model, "main_input_name", None) == "pixel_values" and not encdec
+
+
+def _is_image_processor(obj: Any) -> bool:
+    return obj is not None and callable(obj) and hasattr(obj, "preprocess") and not hasattr(obj, "tokenizer")
+
+
+def vision_processor(model: Any, given: Any = None) -> Any:
+    """The image processor of a vision encoder passed as an object: ``given`` (an image processor, or a processor
+    that holds one, passed as ``tokenizer=``), else ``AutoImageProcessor`` from the model's ``name_or_path`` (its
+    folder or hub id, as ``headmap scan DIR`` reads the folder's); OptionError saying what to pass when neither
+    is found."""
+    held = getattr(given, "image_processor", None)
+    for candidate in (held, given):
+        if _is_image_processor(candidate):
+            return candidate
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if name:
+        from transformers import AutoImageProcessor
+
+        try:
+            found = AutoImageProcessor.from_pretrained(name)
+        except Exception:  # noqa: BLE001  (no processor files, no hub: any of several errors)
+            found = None
+        if _is_image_processor(found):
+            return found
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    reasons = [f"tokenizer= got a {type(given).__name__}, not an image processor"] if given is not None else []
+    reasons.append(f"none could be loaded from {name}" if name else "none was passed, and the model names no folder")
+    raise OptionError(
+        f"the model ({model_type}) is a vision encoder alone: it reads pictures prepared by its image processor, "
+        f"and {', and '.join(reasons)}; pass it: headmap.scan(model, tokenizer=AutoImageProcessor.from_pretrained(...))"
+    )
 
 
 def max_length(max_length: int | None, loaded: LoadedModel) -> int:
