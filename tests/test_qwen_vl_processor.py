@@ -273,3 +273,12 @@ def test_steer_pai_on_one_picture(saved, monkeypatch, capsys, tmp_path):
         steered = model.generate(**enc, **settings)
     assert steered[0, enc["input_ids"].shape[1] :].tolist() == result.steered_ids
     assert len(result.without_ids) == 4
+    # the edit reached the model: the next-token logits under alpha = 3 move away from those under the
+    # neutral alpha = 1 (the same engine route) by more than float32 rounding of this 4-layer model
+    # (eager_bound(64, 4) ~ 1.2e-4 relative; the logits are of order one)
+    with torch.no_grad():
+        with headmap.steer(model, ["pai:alpha=1"]):
+            neutral = model(**enc).logits[0, -1]
+        with headmap.steer(model, ["pai:alpha=3"]):
+            strong = model(**enc).logits[0, -1]
+    assert (strong - neutral).abs().max() > 10 * eager_bound(keys=64, layers=4) * neutral.abs().max()
