@@ -9,9 +9,11 @@ head. ``ratio`` is the fraction of the cache removed, as in kvpress: a head keep
 
 What the base class owns (:func:`compress`):
 
-- scores that read attention come from the engine's block pass during the prefill (a probe that
-  sums ``Block.column_sums`` per key, or the rows of the last queries); no eager attention, no
-  [T, T] matrix;
+- scores that read attention come from the engine during the prefill (a probe that sums, per key,
+  the attention of every query or of the last queries: from the fused route's log-sum-exps on a plain
+  prefill, from ``Block.column_sums`` and block rows otherwise); no eager attention, no [T, T] matrix;
+- decoding runs the model's own attention over the pressed cache when every layer keeps as many
+  entries; the engine stays on for ragged caches, per-layer budgets and ``h2o:decode=true``;
 - after the prefill forward, every layer of the model's cache is replaced by the kept entries:
   a :class:`~headmap.presses.cache.PressedLayer` when every head keeps as many entries (a gather
   on the layer's own tensors), a :class:`~headmap.presses.cache.RaggedLayer` otherwise (packed,

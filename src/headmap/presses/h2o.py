@@ -14,8 +14,9 @@ class H2OPress(ScorerPress):
     """H2O, heavy hitters (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference").
 
     score(h_kv, j) = mean over the query heads h of kv head h_kv of sum_i A_h[i, j]: the attention
-    key j receives, summed over every real query of the prefill. The sums come from the engine's
-    block pass (``Block.column_sums``), never from a [T, T] matrix. Parameters: ``ratio``, ``decode``
+    key j receives, summed over every real query of the prefill. The sums come from the engine
+    (one more fused kernel call per layer on a plain prefill, ``Block.column_sums`` otherwise), never
+    from a [T, T] matrix. Parameters: ``ratio``, ``decode``
     (keep the budget while decoding too: each new query's attention is added to the sums and the
     lowest entry other than the newest token is evicted, as H2O's heavy-hitter cache does).
 
