@@ -13,6 +13,9 @@ token at the last position. Modes:
   attn_grad       headmap attn_grad: forward + backward under the engine, then L block-wise passes
   eager_rollout   eager attention with output_attentions (every layer's [H, T, T]), the row taken down
                   through the stored matrices: the usual implementation, run until it cannot
+  saliency, integrated_gradients (--ig-steps steps), last_layer_attention
+                  headmap's other methods on the same input and target (that each runs at a length, and
+                  its cost against sdpa_fwd_bwd or sdpa_fwd)
 
 Issue 12's targets (ratios to the same run's baseline): rollout <= 2.5x sdpa_fwd, attn_grad <= 3x
 sdpa_fwd_bwd at 16K tokens, memory linear in T.
@@ -60,7 +63,13 @@ sys.path.insert(0, str(HERE))
 
 import engine as bench_engine  # noqa: E402  (bench/engine.py: shapes, memory readers)
 
-MODES = ("sdpa_fwd", "rollout", "sdpa_fwd_bwd", "attn_grad", "eager_rollout")
+MODES = (
+    "sdpa_fwd", "rollout", "sdpa_fwd_bwd", "attn_grad", "eager_rollout",
+    "saliency", "integrated_gradients", "last_layer_attention",
+)  # fmt: skip
+#: headmap's other methods, timed the same way (integrated gradients with --ig-steps steps)
+OTHER_METHODS = {"saliency": "Saliency", "integrated_gradients": "IntegratedGradients",
+                 "last_layer_attention": "LastLayerAttention"}  # fmt: skip
 #: Part 3 (--inseq): Inseq's methods and headmap's on the same token ids of a text
 COMPARE_MODES = ("inseq_attention", "hm_rollout", "hm_last_layer_attention", "inseq_ig", "hm_ig")
 TAG = "HEADMAP_EXPLAIN_BENCH "
@@ -114,10 +123,14 @@ def run_mode(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     def run(ids):
-        if args.mode in ("rollout", "attn_grad"):
+        if args.mode in ("rollout", "attn_grad", *OTHER_METHODS):
             target = E.parse_target(f"token:{token}", model, None)
             job = E.make_job(model, target, [ids[0].tolist()], pad=0)
-            method = E.Rollout() if args.mode == "rollout" else E.AttnGrad()
+            if args.mode in OTHER_METHODS:
+                cls = getattr(E, OTHER_METHODS[args.mode])
+                method = cls(steps=args.ig_steps) if args.mode == "integrated_gradients" else cls()
+            else:
+                method = E.Rollout() if args.mode == "rollout" else E.AttnGrad()
             out = method.attribute(job)
         elif args.mode == "sdpa_fwd":
             with torch.no_grad():
@@ -282,11 +295,17 @@ def timing(args: argparse.Namespace) -> list[dict]:
     print()
     for T in args.lengths:
         got = {r["mode"]: r for r in rows if r["T"] == T and r["status"] == "ok"}
-        for mode, base, goal in (("rollout", "sdpa_fwd", 2.5), ("attn_grad", "sdpa_fwd_bwd", 3.0)):
+        pairs = (
+            ("rollout", "sdpa_fwd", 2.5), ("attn_grad", "sdpa_fwd_bwd", 3.0),
+            ("last_layer_attention", "sdpa_fwd", None), ("saliency", "sdpa_fwd_bwd", None),
+            ("integrated_gradients", "sdpa_fwd_bwd", None),
+        )  # fmt: skip
+        for mode, base, goal in pairs:
             if mode in got and base in got:
                 ratio = got[mode]["wall_s"] / got[base]["wall_s"]
                 mem = got[mode]["extra_bytes"] / max(got[base]["extra_bytes"], 1)
-                print(f"T={T:>6} {mode}/{base}: time {ratio:.2f}x (target <= {goal}x), extra memory {mem:.2f}x")
+                aim = f" (target <= {goal}x)" if goal else ""
+                print(f"T={T:>6} {mode}/{base}: time {ratio:.2f}x{aim}, extra memory {mem:.2f}x")
     return rows
 
 
