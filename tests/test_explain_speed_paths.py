@@ -1,4 +1,6 @@
-"""The fused-kernel route of rollout and attn_grad (headmap/explain/_flash.py) against brute force and the block route.
+"""The fused-kernel route of rollout, attn_grad and last_layer_attention (headmap/explain/_flash.py).
+
+Checked against brute force and against the block route.
 
 Unpadded inputs on the CPU run their forward through PyTorch's flash attention kernel, which returns
 each row's log-sum-exp (lse); rows are then rebuilt as A = exp(s - lse), and rollout's dense passes
@@ -78,9 +80,11 @@ def test_calls_the_kernel_cannot_run_still_equal_brute_force(kind, target):
 def test_kernel_route_equals_block_route(kind, monkeypatch):
     model = _model(kind).double()
     rows = [_ids(40, 3), _ids(40, 4)]  # two inputs of one length: a batch without padding
-    fast = E.explain(model, None, rows, methods=["rollout", "attn_grad"], batch_size=2)
+    methods = ["rollout", "attn_grad", "last_layer_attention"]
+    fast = E.explain(model, None, rows, methods=methods, batch_size=2)
     monkeypatch.setattr(_flash, "usable", lambda job: False)
-    slow = E.explain(model, None, rows, methods=["rollout", "attn_grad"], batch_size=2)
+    slow = E.explain(model, None, rows, methods=methods, batch_size=2)
+    assert set(fast.method) == set(methods)
     assert float((fast.value - slow.value).abs().max()) < 1e-12  # see docstring
 
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from . import _flash
 from .base import Job, Method
 from .capture import Capture, row_product
 
@@ -15,7 +16,11 @@ from .capture import Capture, row_product
 class LastLayerAttention(Method):
     """value_j = mean_h A_L[h, t, j]: the last layer's attention from the target row t to token j, head mean
     (summed over the rows of a generated span). See e.g. Jain & Wallace 2019, Attention is not Explanation;
-    docs/methods/last_layer_attention.md."""
+    docs/methods/last_layer_attention.md.
+
+    On the CPU without padding the forward runs PyTorch's fused attention kernel and keeps each row's
+    log-sum-exp (:mod:`._flash`, as rollout does), so the row is ``exp(s - lse)`` from the kept queries
+    and keys; elsewhere the engine's block-wise forward."""
 
     name: ClassVar[str] = "last_layer_attention"
     attention: ClassVar[bool] = True
@@ -23,5 +28,8 @@ class LastLayerAttention(Method):
     def attribute(self, job: Job) -> torch.Tensor:
         capture = Capture()
         with torch.no_grad():
-            job.outputs(probes=[capture])
+            if _flash.usable(job):
+                _flash.forward(job, capture)
+            else:
+                job.outputs(probes=[capture])
             return row_product(capture.layers()[-1], job.rows) * job.mask
