@@ -14,6 +14,10 @@ dropout) the kernel runs it and the view carries ``lse`` and ``flash`` ("causal"
 call (sliding windows, padding, ...) runs the headmap engine's function, as before. Either way the
 view is a :class:`~headmap.engine.block.QKView` like the engine's. The attention rows then follow
 exactly from the kept tensors: A_ij = exp(s_ij - lse_i) (:mod:`.capture`).
+
+The gradient methods and occlusion need no view: :func:`plain_forward` runs the same implementation
+with nothing captured, each plain call through the fused kernel of its device and dtype (forward and
+the kernel's own backward), on a batch without padding; :func:`score` picks that route or the engine's.
 """
 
 from __future__ import annotations
