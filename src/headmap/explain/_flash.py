@@ -14,6 +14,10 @@ dropout) the kernel runs it and the view carries ``lse`` and ``flash`` ("causal"
 call (sliding windows, padding, ...) runs the headmap engine's function, as before. Either way the
 view is a :class:`~headmap.engine.block.QKView` like the engine's. The attention rows then follow
 exactly from the kept tensors: A_ij = exp(s_ij - lse_i) (:mod:`.capture`).
+
+The gradient methods and occlusion need no view: :func:`plain_forward` runs the same implementation
+with nothing captured, each plain call through the fused kernel of its device and dtype (forward and
+the kernel's own backward), on a batch without padding; :func:`score` picks that route or the engine's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine import fused as engine_fused
 from ..engine import headmap_attention_forward
 from ..engine import registry as engine_registry
 from ..engine.attention import softmax_dtype
@@ -106,6 +111,8 @@ def _attention(
     capture = _CAPTURE.get()
     args = (module, query, key, value, attention_mask)
     kw = dict(scaling=scaling, dropout=dropout, softcap=softcap, s_aux=s_aux, is_causal=is_causal, **kwargs)
+    if capture is _PLAIN:  # plain_forward(): the gradient methods' route, nothing captured
+        return _plain_attention(*args, **kw)
     if capture is None:  # outside forward(): the engine, without probes
         return headmap_attention_forward(*args, **kw)
     batch, heads, q_len, head_dim = query.shape
@@ -223,3 +230,90 @@ def lse_product(view: QKView, r: torch.Tensor, grad_out: torch.Tensor | None, st
         weights = r[:, None, None, q0:q1].to(dt)
         acc[:, :keys] += torch.matmul(weights, probs).sum(dim=(1, 2)).double() / heads
     return acc
+
+
+# -- the route of the gradient methods and occlusion --------------------------------------------------
+#
+# saliency, integrated_gradients and occlusion need no attention rows, only the model's output and its
+# gradient at the input embeddings. For a batch without padding, plain_forward() runs every plain call
+# (causal or bidirectional, square, no softcap, sink logit, position bias or dropout) through the fused
+# kernel the engine's fused route would pick for the device and dtype (flash attention on the CPU; flash,
+# or memory-efficient for float32, on CUDA), whose backward is the kernel's own: output and log-sum-exp
+# are kept, the probabilities recomputed block by block, memory linear in T. Any other call runs the
+# engine's function (block by block, checkpointed backward), as the engine's route does.
+
+#: the context value while plain_forward() runs: no capture, plain calls through the fused kernel
+_PLAIN = object()
+
+
+def plain_usable(job: Job) -> bool:
+    """Whether :func:`plain_forward` may run ``job``: the engine can run its model, no headmap session
+    (probes, edits) is active on it, the batch has no padding, and a fused kernel takes the model's
+    device and dtype (:func:`headmap.engine.fused.kernel_for`). Else the gradient methods and occlusion
+    take the engine's route (:meth:`Job.score`), as before."""
+    if job.engine is not None:
+        return False
+    if any(s.model is job.model for s in engine_registry.active()):
+        return False
+    param = next(job.model.parameters(), None)
+    if param is None or engine_fused.kernel_for(param.device, param.dtype) is None:
+        return False
+    return bool(job.mask.all())  # padding: every call would take the engine's function anyway
+
+
+def plain_forward(job: Job, ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> Any:
+    """``job.outputs(ids=ids, embeds=embeds)`` with every plain attention call through the fused kernel.
+
+    Outside any engine session, as :func:`forward`; the model's attention implementation is put back after.
+    """
+    free = dataclasses.replace(job, engine="(the explain fast path installs its own attention)")
+    with _installed(job.model, _PLAIN):
+        return free.outputs(ids=ids, embeds=embeds)
+
+
+def score(job: Job, ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None, fast: bool | None = None):
+    """[B] target values on ``ids`` or ``embeds``: through :func:`plain_forward` when ``fast`` (default:
+    :func:`plain_usable`), else the engine's route (:meth:`Job.score`)."""
+    if fast is None:
+        fast = plain_usable(job)
+    if not fast:
+        return job.score(ids=ids, embeds=embeds)
+    out = plain_forward(job, ids=ids, embeds=embeds)
+    return job.target.read(out, job.rows, job.chosen, job.mask)
+
+
+def _plain_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: object,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    is_causal: bool | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """One call under :func:`plain_forward`: the fused kernel when the call is plain, else the engine's function."""
+    batch, _, q_len, head_dim = query.shape
+    k_len = key.shape[2]
+    causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", True))
+    masks = as_block_mask(attention_mask, batch, q_len, k_len, causal, query.device)
+    kind = engine_fused.plain_pattern(masks, q_len, k_len)
+    kernel = engine_fused.kernel_for(query.device, query.dtype)
+    if (
+        kind is None
+        or kernel is None
+        or not (key.dtype == value.dtype == query.dtype)
+        or value.shape[-1] != head_dim
+        or softcap is not None
+        or s_aux is not None
+        or kwargs.get("position_bias") is not None
+        or (module.training and dropout > 0)
+    ):
+        kw = dict(scaling=scaling, dropout=dropout, softcap=softcap, s_aux=s_aux, is_causal=is_causal, **kwargs)
+        return headmap_attention_forward(module, query, key, value, attention_mask, **kw)
+    scale = head_dim**-0.5 if scaling is None else float(scaling)
+    out, _ = engine_fused.attend(kernel, query, key, value, kind == "causal", scale)
+    return out.transpose(1, 2).contiguous(), None

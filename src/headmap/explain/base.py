@@ -48,6 +48,10 @@ class Job:
     notes: dict[str, torch.Tensor] = field(default_factory=dict)
     #: ``on_layer(method, done, total)`` after each layer pass of an attention method (long inputs)
     on_layer: Callable[[str, int, int], None] | None = None
+    #: target values [B] (detached) already computed on this batch by some method, by input: ``"x"`` the
+    #: batch's own embeddings, ``"baseline:zeros"`` / ``"baseline:pad"`` integrated gradients' baselines;
+    #: a later method reads them instead of running the same forward again
+    known: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def layer_done(self, method: str, done: int, total: int) -> None:
         if self.on_layer is not None:

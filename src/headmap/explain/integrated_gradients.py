@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import OptionError
+from . import _flash
 from .base import Job, Method
 
 
@@ -20,6 +21,13 @@ class IntegratedGradients(Method):
     ``baseline``: "zeros" (x' = 0) or "pad" (every token's embedding replaced by the pad token's).
     Completeness says sum_j IG_j = y(x) - y(x'); the gap |sum_j IG_j - (y(x) - y(x'))| of each input
     is reported (``job.notes["integrated_gradients_gap"]``) and shrinks as m grows.
+
+    Cost: m forwards and backwards, plus one forward for each end of the path, y(x) and y(x'), which
+    the midpoint points never reach (a_k is never 0 or 1); an end another method already computed on
+    the batch (``job.known``: saliency keeps y(x)) is read, not run again. For a batch without padding
+    whose attention calls are plain (causal or bidirectional) and whose device and dtype have a fused
+    attention kernel, those calls run the kernel, forward and backward (:func:`._flash.plain_forward`);
+    else the headmap engine where it runs the model. Memory linear in T either way.
     See docs/methods/integrated_gradients.md.
     """
 
@@ -41,6 +49,7 @@ class IntegratedGradients(Method):
         return job.embed(torch.full_like(job.ids, job.pad))
 
     def attribute(self, job: Job) -> torch.Tensor:
+        fast = _flash.plain_usable(job)
         x = job.embed()
         x0 = self.base(job)
         real = job.mask[..., None].to(x.dtype)
@@ -50,10 +59,17 @@ class IntegratedGradients(Method):
             a = (k + 0.5) / self.steps
             point = (x0 + a * (x - x0)).requires_grad_(True)
             with torch.enable_grad():
-                (grad,) = torch.autograd.grad(job.score(embeds=point).sum(), point)
+                (grad,) = torch.autograd.grad(_flash.score(job, embeds=point, fast=fast).sum(), point)
             total += grad.double()
         ig = ((x - x0).double() * total / self.steps).sum(dim=-1) * job.mask
-        with torch.no_grad():
-            delta = (job.score(embeds=x) - job.score(embeds=x0)).double()
+        delta = (self._end(job, "x", x, fast) - self._end(job, f"baseline:{self.baseline}", x0, fast)).double()
         job.notes["integrated_gradients_gap"] = (ig.sum(dim=-1) - delta).abs()
         return ig
+
+    @staticmethod
+    def _end(job: Job, name: str, embeds: torch.Tensor, fast: bool) -> torch.Tensor:
+        """y at one end of the path: read from ``job.known`` when a method computed it, else one forward (kept)."""
+        if name not in job.known:
+            with torch.no_grad():
+                job.known[name] = _flash.score(job, embeds=embeds, fast=fast).detach()
+        return job.known[name]

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from . import _flash
 from .base import Job, Method
 
 
@@ -14,8 +15,11 @@ from .base import Job, Method
 class Saliency(Method):
     """value_j = || dy/dx_j ⊙ x_j ||_2, with x_j token j's input embedding and y the target.
 
-    One forward and one backward (under the headmap engine where it runs the model: the backward then
-    recomputes attention block by block, memory linear in T). See docs/methods/saliency.md.
+    One forward and one backward. For a batch without padding whose attention calls are plain (causal
+    or bidirectional) and whose device and dtype have a fused attention kernel, each such call runs the
+    kernel, forward and backward (:func:`._flash.plain_forward`); else under the headmap engine where it
+    runs the model (the backward recomputes attention block by block). Memory linear in T either way.
+    The target value y(x) is kept for later methods (``job.known["x"]``). See docs/methods/saliency.md.
     """
 
     name: ClassVar[str] = "saliency"
@@ -24,5 +28,7 @@ class Saliency(Method):
     def attribute(self, job: Job) -> torch.Tensor:
         embeds = job.embed().requires_grad_(True)
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(job.score(embeds=embeds).sum(), embeds)
+            y = _flash.score(job, embeds=embeds)
+            (grad,) = torch.autograd.grad(y.sum(), embeds)
+        job.known.setdefault("x", y.detach())
         return (grad * embeds.detach()).double().norm(dim=-1) * job.mask
