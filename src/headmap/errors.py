@@ -50,6 +50,10 @@ class NumericalError(HeadmapError):
     """Attention produced NaN or infinite values."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interrupt while a scan with an output folder runs."""
+
+
 class ScanInterrupted(KeyboardInterrupt):
     """A scan stopped by Ctrl-C (or SIGTERM) after saving what it had completed.
 

@@ -21,6 +21,7 @@ from ..corpus import Batch, Corpus
 from ..corpus.images import collate
 from ..corpus.pairs import collate_seq2seq
 from ..engine import observe
+from ..errors import Terminated
 from ..models import LoadedModel, input_device, logits_to_keep, pad_id, position_ids
 from . import seq2seq
 from .capture import Capture
@@ -28,10 +29,6 @@ from .plan import Group, Plan
 
 if TYPE_CHECKING:
     from .resume import Run
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an interrupt while a scan with an output folder runs."""
 
 
 @contextmanager

@@ -18,11 +18,10 @@ from typing import Any
 from .. import rundir
 from ..atlas import Atlas
 from ..engine.towers import split_layer_key
-from ..errors import HeadmapError, OptionError, OutputError, ScanInterrupted
+from ..errors import HeadmapError, OptionError, OutputError, ScanInterrupted, Terminated
 from ..probes import Probe, supports_state
 from ..rundir import CHECKPOINT_DIR
 from . import checkpoint
-from .loop import Terminated
 from .plan import Plan
 
 
