@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bounds import batch_bound
 
 from headmap.presses import compress, make_press
 
@@ -29,6 +29,21 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "kvpress_kept.py"
 LENGTHS = (96, 200, 320)
 RATIOS = (0.25, 0.5, 0.75)
+VOCAB = 512
+#: weights drawn with std 0.3 (transformers' default, 0.02, gives near-uniform attention, whose scores
+#: crowd together); then the scores at each budget's boundary are apart by 1e-4 relative or more
+INIT = 0.3
+
+
+#: kvpress and headmap compute the same scores by different code (kvpress re-projects the window's
+#: queries; other transformers), so they may round differently: per tests/bounds.py, LAYER_STAGES sums
+#: per layer of at most max(T, MLP width 128) terms, relative to the score. Exact equality is asserted
+#: except for an entry at the budget's boundary whose kvpress score is within this of the boundary score
+#: (a rounding tie: none occurs on the machine where this was written)
+def rounding(length: int) -> float:
+    return batch_bound(max(length, 128))
+
+
 SAME = ("snapkv", "pyramidkv", "streaming", "knorm")
 #: headmap's parameter -> kvpress's dataclass field, for the defaults that must agree
 DEFAULTS = {
@@ -80,8 +95,9 @@ def _build(folder: Path) -> None:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=512, architectures=["LlamaForCausalLM"],
+        initializer_range=INIT,
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder)
 
@@ -93,7 +109,8 @@ def runs(tmp_path_factory):
     _build(folder)
     out = {}
     for length in LENGTHS:
-        ids = torch.randint(1, 256, (1, length), generator=torch.Generator().manual_seed(length))
+        # distinct tokens: a repeated token has the same layer-0 key up to a rotation, so knorm would tie
+        ids = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(length))[None, :length]
         np.save(folder / f"ids{length}.npy", ids.numpy())
         npz = folder / f"kvpress{length}.npz"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}  # the child must not see headmap
@@ -106,6 +123,15 @@ def runs(tmp_path_factory):
         with np.load(npz) as data:
             out[length] = (folder, ids, dict(data))
     return out
+
+
+def assert_same(ours: np.ndarray, theirs: np.ndarray, scores: np.ndarray, where: str) -> None:
+    """The same kept entries, or different ones only at a rounding tie of kvpress's ``scores``."""
+    for b, h in {(int(b), int(h)) for b, h, _ in zip(*np.nonzero(ours != theirs), strict=True)}:
+        edge = scores[b, h][theirs[b, h]].min()  # kvpress's lowest kept score
+        moved = scores[b, h][ours[b, h] != theirs[b, h]]
+        tol = rounding(ours.shape[-1]) * abs(edge)
+        assert (np.abs(moved - edge) <= tol).all(), f"{where}: {int((ours[b, h] != theirs[b, h]).sum())} entries differ"
 
 
 def _headmap(folder: Path, ids: torch.Tensor, name: str, ratio: float):
@@ -150,7 +176,7 @@ def test_same_kept_entries(runs, name):
                 budget = int(theirs.sum(-1).max())
                 assert (ours.sum(-1) == budget).all() and (theirs.sum(-1) == budget).all(), where
                 if not _tied_window(name, budget, length):
-                    assert int((ours != theirs).sum()) == 0, f"{where}: {int((ours != theirs).sum())} entries differ"
+                    assert_same(ours, theirs, kv[f"{name}/{ratio}/{layer}/scores"], where)
                     exact += 1
                     continue
                 past = length - 64
@@ -183,7 +209,7 @@ def test_h2o_differs_only_by_kvpress_mean(runs, length):
             mean = sums / seen_by
             ours = torch.zeros_like(theirs)
             ours.scatter_(-1, mean.topk(budget, dim=-1).indices, True)
-            diff = int((ours != theirs).sum())
-            assert diff == 0, f"h2o as a mean, T={length} ratio={ratio} layer {layer}: {diff} entries differ"
+            where = f"h2o as a mean, T={length} ratio={ratio} layer {layer}"
+            assert_same(ours.numpy(), theirs.numpy(), kv[f"h2o/{ratio}/{layer}/scores"], where)
             differ += int((run.kept[layer] != theirs).sum())
     assert differ > 0, "headmap's sums and kvpress's means should choose differently somewhere"
