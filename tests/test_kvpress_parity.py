@@ -6,7 +6,9 @@ child process (tests/kvpress_kept.py, which never imports headmap), on a tiny ra
 saved here. Without that venv the whole module is skipped. See docs/compress.md ("Same kept entries").
 
 - snapkv, pyramidkv, streaming, knorm: the same kept entries, per layer and kv head, exactly, with
-  both libraries' default parameters (checked equal first);
+  both libraries' default parameters (checked equal first); one difference of definition, asserted as
+  such: at a snapkv / pyramidkv budget of at most the window, headmap's window pad equals the best earlier
+  score (kvpress's exceeds it by 1), so headmap may keep that key in place of one window key;
 - h2o: kvpress's ``ObservedAttentionPress`` divides each key's attention sum by the number of queries
   that see it (``T - j``, a mean; docs/methods/presses/h2o.md); headmap's recorded sums divided so
   keep exactly kvpress's entries, so that division is the only difference.
