@@ -126,7 +126,7 @@ def brute_snapkv(att, heads, kv_heads, window, kernel):
     b, h, n = s.shape
     s = F.avg_pool1d(s.reshape(b * h, 1, n), kernel, stride=1, padding=kernel // 2).view(b, h, n)
     s = s.view(b, kv_heads, heads // kv_heads, n).mean(2)
-    return F.pad(s, (0, window), value=float(s.max()))
+    return F.pad(s, (0, window), value=float(s.max()) + 1.0)  # the window above every earlier key
 
 
 def masked_eager_logits(model, ids, kept, mask=None):

@@ -17,7 +17,7 @@ class SnapKVPress(ScorerPress):
     The last ``window`` queries (the observation window) vote: for key j < T - window,
     s_h(j) = mean over the window's queries i of A_h[i, j], smoothed by a mean pool of width
     ``kernel`` (zero padded, stride 1), then averaged over the query heads of each kv head. The
-    window's own keys are always kept (they get the highest score). Parameters: ``ratio``,
+    window's own keys score max + 1 (above every earlier key), so they are kept first. Parameters: ``ratio``,
     ``window`` (default 64), ``kernel`` (odd, default 5). Same definition as kvpress's
     ``SnapKVPress``.
     """
@@ -59,4 +59,6 @@ class SnapKVPress(ScorerPress):
         pooled = F.avg_pool1d(mean.reshape(batch * heads, 1, past), self.kernel, stride=1, padding=self.kernel // 2)
         scores = view.per_kv_head(pooled.view(batch, heads, past))
         top = scores.max() if scores.numel() else torch.tensor(0.0, dtype=scores.dtype)
-        return F.pad(scores, (0, rows), value=float(top))
+        # the window's keys score above every earlier key (max + 1, as kvpress), so a budget of at most
+        # the window keeps window keys only, and a larger one keeps the whole window
+        return F.pad(scores, (0, rows), value=float(top) + 1.0)
