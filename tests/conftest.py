@@ -15,6 +15,28 @@ import torch  # noqa: E402
 import headmap  # noqa: E402
 
 
+@pytest.fixture
+def calls(monkeypatch):
+    """Which route the engine's attention calls took: ``kernels``, the names of the fused kernel calls (a
+    call's own and any product or swapped call a probe asks for), and ``blocks``, the count of blocks."""
+    from headmap.engine import attention, fused
+
+    seen = {"kernels": [], "blocks": 0}
+    attend, block = fused.attend, attention._attend_block
+
+    def spy(name, *args, **kwargs):
+        seen["kernels"].append(name)
+        return attend(name, *args, **kwargs)
+
+    def count_block(*args, **kwargs):
+        seen["blocks"] += 1
+        return block(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "attend", spy)
+    monkeypatch.setattr(attention, "_attend_block", count_block)
+    return seen
+
+
 @pytest.fixture(autouse=True)
 def _restore_engine_budget():
     budget = headmap.engine_config.budget_bytes

@@ -17,24 +17,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from cli_runner import assert_only_error_line, run
-from test_compress_resume import argv, assert_same_run, stop_after
+from test_compress_resume import ITEMS, argv, assert_same_run, stop_after, write_task
 
 from headmap import cli
 from headmap.cli import compress as cc
-
-ITEMS = 5
 
 
 @pytest.fixture(scope="module")
 def task_file(tmp_path_factory) -> Path:
     """The task of test_compress_resume: 5 items, so shard 0/2 holds 2 items and shard 1/2 holds 3."""
-    path = tmp_path_factory.mktemp("cm") / "task.jsonl"
-    lines = []
-    for k in range(ITEMS):
-        context = " ".join(["the cat sat on the mat and the dog sat on the log"] * (3 + k)) + f" the code is {k}7{k}."
-        lines.append(json.dumps({"context": context, "question": "what is the code?", "answer": f"{k}7{k}"}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_task(tmp_path_factory.mktemp("cm") / "task.jsonl")
 
 
 def headmap(*args: str) -> int:

@@ -23,15 +23,19 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "compress_fingerprint.py
 ITEMS = 5
 
 
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cr") / "task.jsonl"
+def write_task(path: Path) -> Path:
+    """A --task file of ITEMS items of growing length, each with its own code to read back."""
     lines = []
     for k in range(ITEMS):
         context = " ".join(["the cat sat on the mat and the dog sat on the log"] * (3 + k)) + f" the code is {k}7{k}."
         lines.append(json.dumps({"context": context, "question": "what is the code?", "answer": f"{k}7{k}"}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    return write_task(tmp_path_factory.mktemp("cr") / "task.jsonl")
 
 
 def argv(model: Path, task: Path, out: Path, *extra: str, ratio: str = "0.25,0.5") -> list[str]:

@@ -26,7 +26,7 @@ from bounds import ATTENTION_STAGES, U32, U64, gamma, reorder
 from test_explain import _model
 
 import headmap.explain as E
-from headmap.engine import attention, fused, observe
+from headmap.engine import fused, observe
 from headmap.explain import _flash
 
 #: the sums of one attention call's backward whose order depends on the route (see the module docstring)
@@ -40,25 +40,6 @@ def route_bound(keys: int, u: float, backward: bool) -> float:
     """Relative difference of the two routes' values (module docstring)."""
     stages = (ATTENTION_STAGES + 1 + (BACKWARD_STAGES if backward else 0)) * LAYERS
     return reorder(max(keys, HEAD_DIM), stages, u)
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """Names of the fused kernel calls and the count of the engine's blocks (tests/test_fused_probes.py)."""
-    seen = {"kernels": [], "blocks": 0}
-    attend, block = fused.attend, attention._attend_block
-
-    def spy(name, *args, **kwargs):
-        seen["kernels"].append(name)
-        return attend(name, *args, **kwargs)
-
-    def count_block(*args, **kwargs):
-        seen["blocks"] += 1
-        return block(*args, **kwargs)
-
-    monkeypatch.setattr(fused, "attend", spy)
-    monkeypatch.setattr(attention, "_attend_block", count_block)
-    return seen
 
 
 def _rows(n: int, count: int = 2, seed: int = 1) -> list[list[int]]:

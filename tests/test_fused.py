@@ -27,20 +27,6 @@ T = 12
 PROB_ABS = eager_bound(T)
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Count the calls that took the fused route."""
-    seen = []
-    attend = fused.attend
-
-    def spy(name, *args, **kwargs):
-        seen.append(name)
-        return attend(name, *args, **kwargs)
-
-    monkeypatch.setattr(fused, "attend", spy)
-    return seen
-
-
 def brute_sink(model, ids):
     with torch.no_grad():
         atts = model(input_ids=ids, output_attentions=True).attentions
@@ -60,7 +46,7 @@ def test_fused_sink_equals_brute_force(kind, calls):
     probe = SinkProbe()
     with torch.no_grad(), headmap.observe(model, probes=[probe]):
         model(input_ids=ids)
-    assert calls == ["flash_cpu"] * 2  # one fused call per layer: no block ran
+    assert calls["kernels"] == ["flash_cpu"] * 2  # one fused call per layer: no block ran
     np.testing.assert_allclose(probe.values(), brute_sink(model, ids), atol=PROB_ABS, rtol=0)
 
 
@@ -74,14 +60,14 @@ def test_fused_route_equals_block_route_in_float64(calls):
     with torch.no_grad():
         with headmap.observe(model, probes=[fused_probe]):
             fused_out = model(input_ids=ids).logits
-        assert len(calls) == 2
+        assert len(calls["kernels"]) == 2
         headmap.engine_config.fused = False
         try:
             with headmap.observe(model, probes=[block_probe]):
                 block_out = model(input_ids=ids).logits
         finally:
             headmap.engine_config.fused = True
-    assert len(calls) == 2  # the switch turned the route off
+    assert len(calls["kernels"]) == 2  # the switch turned the route off
     bound = reorder(T, 4 * 2, U64)
     np.testing.assert_allclose(fused_probe.values(), block_probe.values(), atol=bound, rtol=0)
     assert (fused_out - block_out).abs().max().item() <= bound * block_out.abs().max().item() * 64
@@ -94,7 +80,7 @@ def test_logits_under_the_fused_route_equal_eager(calls):
         eager = model(input_ids=ids).logits
         with headmap.observe(model, probes=[SinkProbe()]):
             got = model(input_ids=ids).logits
-    assert calls
+    assert calls["kernels"]
     # the attention in another order (eager_bound), then the MLP and head: tests/bounds.py's batch bound
     # on the hidden width 64 covers the whole chain, relative to the largest logit
     bound = reorder(64, 9 * 2) * eager.abs().max().item()
@@ -120,7 +106,7 @@ def test_block_route_when_the_call_is_not_plain(case, calls):
         out = model(**kwargs).logits
     assert out.requires_grad == grad  # a forward that takes gradients keeps its graph through the blocks
     # an edit on layer 1 leaves layer 0 plain: only that layer's call is fused
-    assert calls == (["flash_cpu"] if case == "edit" else [])
+    assert calls["kernels"] == (["flash_cpu"] if case == "edit" else [])
     assert np.isfinite(probes[0].values()).all()
 
 
@@ -134,7 +120,7 @@ def test_padding_mask_of_real_tokens_only_is_plain(calls):
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
         with headmap.observe(model, probes=[without]):
             model(input_ids=ids)
-    assert calls == ["flash_cpu"] * 4
+    assert calls["kernels"] == ["flash_cpu"] * 4
     np.testing.assert_array_equal(with_mask.values(), without.values())
 
 
@@ -155,7 +141,7 @@ def test_bfloat16_model_takes_the_fused_route(calls):
                 model(input_ids=ids)
         finally:
             headmap.engine_config.fused = True
-    assert calls == ["flash_cpu"] * 2
+    assert calls["kernels"] == ["flash_cpu"] * 2
     got, ref = fused_probe.values(), block_probe.values()
     assert ((got >= 0) & (got <= 1)).all()
     # bfloat16 hidden states make both routes' inputs equal only up to bfloat16 rounding of each layer's

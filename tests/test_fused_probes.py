@@ -32,29 +32,6 @@ PROB = eager_bound(T)
 PROB64 = reorder(T, 4 * 2, U64)
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Names of the fused kernel calls (the call's own and the products') and the count of blocks."""
-    seen = {"kernels": [], "blocks": 0}
-    attend = fused.attend
-
-    def spy(name, *args, **kwargs):
-        seen["kernels"].append(name)
-        return attend(name, *args, **kwargs)
-
-    from headmap.engine import attention
-
-    block = attention._attend_block
-
-    def count_block(*args, **kwargs):
-        seen["blocks"] += 1
-        return block(*args, **kwargs)
-
-    monkeypatch.setattr(fused, "attend", spy)
-    monkeypatch.setattr(attention, "_attend_block", count_block)
-    return seen
-
-
 class LogitSize(Probe):
     """Largest |s_ij| and |lse_i| of any call (float64, from the queries and keys): the magnitudes the
     entropy's difference lse - sum A s rounds against. Not fused, so the session runs blocks."""

@@ -260,7 +260,7 @@ def test_h2o_and_snapkv_scores_equal_eager_attention_on_the_block_route(kind):
         headmap.engine_config.fused = True
 
 
-def test_h2o_and_snapkv_scores_on_the_fused_route_equal_eager_attention(monkeypatch):
+def test_h2o_and_snapkv_scores_on_the_fused_route_equal_eager_attention(calls):
     """A plain prefill (no padding, causal, no soft cap) runs one fused kernel per layer; h2o's column sums
     come from one more fused call with queries and keys exchanged, snapkv's rows from exp(s - lse).
 
@@ -270,11 +270,7 @@ def test_h2o_and_snapkv_scores_on_the_fused_route_equal_eager_attention(monkeypa
     it cannot judge float64): the same chains at float64 rounding."""
     from bounds import U64, eager_bound, reorder
 
-    from headmap.engine import fused
-
-    kernels = []
-    attend = fused.attend
-    monkeypatch.setattr(fused, "attend", lambda name, *a, **k: kernels.append(name) or attend(name, *a, **k))
+    kernels = calls["kernels"]
     model = build("llama")
     t, window, kernel = 24, 6, 3
     ids = ids_of(t)
@@ -592,20 +588,10 @@ def test_h2o_keeps_its_budget_while_decoding_with_running_sums():
     "name, decodes_in_engine",
     [("snapkv", False), ("h2o", False), ("knorm", False), ("pyramidkv", True), ("adakv", True)],
 )
-def test_decoding_leaves_the_engine_after_a_uniform_press(name, decodes_in_engine, atlas, monkeypatch):
+def test_decoding_leaves_the_engine_after_a_uniform_press(name, decodes_in_engine, atlas, calls):
     """A press whose layers all keep as many entries decodes with the model's own attention; pyramidkv
     (budgets by layer) and adakv (a ragged cache) keep the engine for the decoding steps. The tokens
     equal those of the model fed only the kept keys, which the masked-eager tests check step by step."""
-    from headmap.engine import attention
-
-    calls = {"blocks": 0}
-    block = attention._attend_block
-
-    def count(*args, **kwargs):
-        calls["blocks"] += 1
-        return block(*args, **kwargs)
-
-    monkeypatch.setattr(attention, "_attend_block", count)
     model = build("llama")
     ids = ids_of(24)
     with compress(model, small(name, 0.5, atlas)) as run, torch.no_grad():

@@ -10,7 +10,6 @@ import hashlib
 import json
 import re
 import struct
-import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,9 +19,9 @@ import pytest
 import synthetic_atlas
 from bounds import U64, reorder
 from cli_runner import assert_only_error_line as assert_one_line_error
+from cli_runner import run as run_cli
 from synthetic_atlas import EVIL, EVIL_FILE, EVIL_MODEL, make_atlas
 
-from headmap import cli
 from headmap.atlas import Atlas
 from headmap.errors import OutputError
 from headmap.report import SIZE_LIMIT_BYTES, json_for_script, report_html, summary_html, write_report
@@ -30,17 +29,6 @@ from headmap.report import data as report_data_module
 from headmap.report.data import categories, report_data, token_texts
 
 DATA_BLOCK = re.compile(r'<script type="application/json" id="headmap-data">(.*?)</script>', re.S)
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["headmap", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def page_data(page: str) -> dict:
