@@ -218,20 +218,22 @@ class _Collector:
         self.received, self.last, self.length = {}, {}, length
 
     @staticmethod
-    def _add(store: dict, layer: int, block: Block, mass: torch.Tensor, length: int) -> None:
+    def _add(store: dict, layer: int, start: int, mass: torch.Tensor, length: int) -> None:
+        """Add ``mass`` [B, H, n] to the layer's sums over the key columns ``start`` to ``start + n``."""
+        end = start + mass.shape[-1]
         acc = store.get(layer)
         if acc is None:
-            acc = store[layer] = mass.new_zeros(mass.shape[0], mass.shape[1], max(length, block.k_end))
-        elif acc.shape[-1] < block.k_end:  # decoding: the call's key count is known only from its blocks
-            acc = store[layer] = torch.nn.functional.pad(acc, (0, block.k_end - acc.shape[-1]))
-        acc[..., block.k_start : block.k_end] += mass
+            acc = store[layer] = mass.new_zeros(mass.shape[0], mass.shape[1], max(length, end))
+        elif acc.shape[-1] < end:  # decoding: the call's key count is known only from its blocks
+            acc = store[layer] = torch.nn.functional.pad(acc, (0, end - acc.shape[-1]))
+        acc[..., start:end] += mass
 
     def update(self, block: Block) -> None:
         if not self.active:
             return
         if self.want_received:
             mass, _ = block.column_sums(exclude_self=False)  # [B, H, bk] float64, real query rows only
-            self._add(self.received, block.layer, block, mass, self.length)
+            self._add(self.received, block.layer, block.k_start, mass, self.length)
         if self.window and self.length:
             first = self.length - self.window  # rows [first, T) are the last `window` queries
             r0 = max(first - block.q_start, 0)
@@ -239,7 +241,7 @@ class _Collector:
                 probs = block.probs[:, :, r0:, :]
                 weights = block.query_valid[:, r0:].to(torch.float64)[:, None, :, None]
                 mass = (probs.to(torch.float64) * weights).sum(dim=2)  # exact float64 sums of float32 entries
-                self._add(self.last, block.layer, block, mass, self.length)
+                self._add(self.last, block.layer, block.k_start, mass, self.length)
 
     def update_fused(self, view) -> None:
         """The same sums from a plain call's fused kernel: every query is real and the keys start at 0."""
@@ -247,17 +249,10 @@ class _Collector:
             return
         if self.want_received:
             mass = column_mass(view).to(torch.float64)  # [B, H, Tk], the diagonal included
-            self._add_columns(self.received, view.layer, mass, self.length)
+            self._add(self.received, view.layer, 0, mass, self.length)
         if self.window and self.length:
             mass = rows_mass(view, max(self.length - self.window, 0))  # [B, H, Tk] float64
-            self._add_columns(self.last, view.layer, mass, self.length)
-
-    @staticmethod
-    def _add_columns(store: dict, layer: int, mass: torch.Tensor, length: int) -> None:
-        acc = store.get(layer)
-        if acc is None:
-            acc = store[layer] = mass.new_zeros(mass.shape[0], mass.shape[1], max(length, mass.shape[-1]))
-        acc[..., : mass.shape[-1]] += mass
+            self._add(self.last, view.layer, 0, mass, self.length)
 
     def commit(self) -> None:
         pass
@@ -346,20 +341,21 @@ def compress(
     # sums; after any other press the decoding steps run the model's own attention (sdpa, eager, ...).
     decodes_in_engine = press.head_wise or (press.evicts_in_decoding and press.reads_received)
     session = observe(model, probes=[collector], edits=[RaggedMask(lambda: run.cache)], commit="manual")
-    entered = [False]
+    entered = False
 
     def engine(on: bool) -> None:
-        if on and not entered[0]:
+        nonlocal entered
+        if on and not entered:
             session.__enter__()
-        elif not on and entered[0]:
+        elif not on and entered:
             session.__exit__(None, None, None)
-        entered[0] = on
+        entered = on
 
     def pre_hook(module, args, kwargs):
         length, mask, cache = _forward_inputs(args, kwargs)
         state["prefill"] = _is_empty(cache) and length > 0
         if state["prefill"]:
-            engine(needs_engine or decodes_in_engine)
+            engine(needs_engine)  # a press that decodes in the engine needs it for the prefill too
         state["mask"] = mask
         state["length"] = length
         collector.active = state["prefill"] or (press.evicts_in_decoding and press.reads_received)
