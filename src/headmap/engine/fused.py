@@ -97,9 +97,28 @@ def usable(
     no padding), there is no softcap, sink logit, position bias or dropout, values have the queries'
     head size, and a kernel takes the device and dtype.
     """
-    if not enabled or not probes or edits or track_grad or kind is None:
+    if not enabled or not probes or edits or track_grad:
         return None
     if not all(getattr(p, "fused", False) for p in probes):
+        return None
+    return call_kernel(kind, query, key, value, softcap, sink_logits, bias, dropout)
+
+
+def call_kernel(
+    kind: str | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    softcap: Any,
+    sink_logits: Any,
+    bias: Any,
+    dropout: float,
+) -> str | None:
+    """The kernel that can run this call itself, or None: the mask is plain (``kind``, from
+    :func:`plain_pattern`), there is no softcap, sink logit, position bias or dropout, values have the
+    queries' head size and dtype, and a kernel takes the device and dtype. (:func:`usable` adds what the
+    engine's route needs of its session; explain's gradient route asks this alone.)"""
+    if kind is None:
         return None
     if softcap is not None or sink_logits is not None or bias is not None or dropout:
         return None

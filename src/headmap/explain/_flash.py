@@ -301,17 +301,11 @@ def _plain_attention(
     causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", True))
     masks = as_block_mask(attention_mask, batch, q_len, k_len, causal, query.device)
     kind = engine_fused.plain_pattern(masks, q_len, k_len)
-    kernel = engine_fused.kernel_for(query.device, query.dtype)
-    if (
-        kind is None
-        or kernel is None
-        or not (key.dtype == value.dtype == query.dtype)
-        or value.shape[-1] != head_dim
-        or softcap is not None
-        or s_aux is not None
-        or kwargs.get("position_bias") is not None
-        or (module.training and dropout > 0)
-    ):
+    train_dropout = dropout if module.training and dropout > 0 else 0.0
+    kernel = engine_fused.call_kernel(
+        kind, query, key, value, softcap, s_aux, kwargs.get("position_bias"), train_dropout
+    )  # fmt: skip
+    if kernel is None:
         kw = dict(scaling=scaling, dropout=dropout, softcap=softcap, s_aux=s_aux, is_causal=is_causal, **kwargs)
         return headmap_attention_forward(module, query, key, value, attention_mask, **kw)
     scale = head_dim**-0.5 if scaling is None else float(scaling)
