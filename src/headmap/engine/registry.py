@@ -10,14 +10,25 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from torch import nn
 
 from .towers import language_tower, tower_of
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class Session(Protocol):
+    """What the registry reads of an active session (engine/session.py's Session is one): the
+    registry depends on this interface, not on the session's module, so the two import no circle."""
+
+    model: nn.Module
+    probes: Any
+    edits: Any
+
+    def owns(self, module: nn.Module) -> bool: ...
+
+    def record_layer(self, layer: int, heads: int, kv_heads: int, tower: str) -> None: ...
+
 
 _LOCK = threading.Lock()
 _ACTIVE: list[Session] = []
