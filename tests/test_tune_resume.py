@@ -195,18 +195,40 @@ def test_refusals(monkeypatch, capsys, tiny_llama_dir, splits, tmp_path):
     assert not (out / TUNE_CHECKPOINT).exists()
 
 
-def test_two_ranks_resume_a_stopped_tune(tiny_llama_dir, splits, tmp_path):
-    """Rank 0 reads the kept trials and hands them to rank 1: both skip the same trials (a rank that scored
-    a trial the other skips would wait at the gather forever), and the results equal one process's."""
+KILL_RANK_1 = """import os, signal, sys, runpy
+if os.environ["RANK"] == "1":
+    import headmap.evaluation.tuning as tuning
+    real, calls = tuning.predict, [0]
+    def predict(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies in its fourth dev trial
+        return real(*args, **kwargs)
+    tuning.predict = predict
+sys.argv = ["headmap", *sys.argv[1:]]
+runpy.run_module("headmap", run_name="__main__")
+"""
+
+
+def test_a_killed_rank_resumes(tiny_llama_dir, splits, tmp_path):
+    """Two ranks, rank 1 killed (SIGKILL) in the fourth dev trial: rank 0 kept the three finished ones. Then
+    --resume on two ranks: rank 0 reads them and hands them to rank 1, both skip the same trials (a rank that
+    scored a trial the other skips would wait at the gather forever), and the results equal one process's."""
     tune_into(tiny_llama_dir, splits, tmp_path / "one")
     out = tmp_path / "two"
-    with pytest.raises(Stop):
-        tune_into(tiny_llama_dir, splits, out, progress=stop_at("group 1 factor 0:"))
-    argv = ["-m", "headmap", *cli_args(tiny_llama_dir, splits, out, "--resume")]
-    code, stdout, err = finish(torchrun(2, argv))
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_RANK_1)
+    code, _, err = finish(torchrun(2, [str(script), *cli_args(tiny_llama_dir, splits, out)]))
+    assert code != 0
+    assert sorted(p.name for p in (out / TUNE_CHECKPOINT).glob("trial-*.json")) == [
+        f"trial-{k:04d}.json" for k in range(3)
+    ], err[-3000:]
+    assert not any((out / name).exists() for name in RESULTS)
+    code, stdout, err = finish(torchrun(2, ["-m", "headmap", *cli_args(tiny_llama_dir, splits, out, "--resume")]))
     assert code == 0, err[-3000:]
     rows = [line for line in err.splitlines() if line.startswith("group ")]
     assert len(rows) == ROWS  # rank 0 alone prints progress
+    assert sum(line.endswith("from the checkpoint") for line in rows) >= 3
     assert stdout.count("wrote ") == 1
     assert_same_results(tmp_path / "one", out)
     assert not (out / TUNE_CHECKPOINT).exists()
