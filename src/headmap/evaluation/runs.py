@@ -579,7 +579,7 @@ class CheckpointKind:
 
     folder: str  # inside --out
     run: str  # the verb, as the ranks' agreement names it
-    noun: str  # "a stopped evaluation"
+    noun: str  # the run, as messages name it: "a stopped evaluation", "cannot resume the evaluation"
     unit: str  # one finished unit, singular
     files: tuple[str, ...]  # name prefixes of the files it writes (temporaries too, after their dot)
     counted: tuple[str, ...]  # globs of the files that are one finished unit each
