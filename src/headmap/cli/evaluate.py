@@ -252,6 +252,13 @@ def tune_command(
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
     offload_folder: OffloadFolder = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="go on from a stopped tune in --out: the dev trials it finished are read back, the others scored "
+            "(the same command otherwise; a difference is refused, naming it)"
+        ),
+    ] = False,
 ) -> None:
     """Choose edit factors on the dev split only, then report held-out test accuracy against the unedited model.
 
@@ -259,6 +266,9 @@ def tune_command(
     (earlier groups at their chosen factors, later ones at --neutral). The best factor on dev (accuracy, ties:
     mean probability of the right option) is kept only when it raises dev accuracy over the neutral setting.
     The test split is read once the factors are chosen.
+
+    Each dev trial prints one line as it is done. With --out, each finished dev trial is kept in --out as it
+    is done, so a stopped tune (one process or any rank of torchrun) goes on with --resume.
     """
     from ..evaluation import run_tune
 
@@ -280,6 +290,8 @@ def tune_command(
         device=device,
         units=units,
         allow_overlap=allow_overlap,
+        progress=lambda line: err.print(line, highlight=False, markup=False),
+        resume=resume,
         **placement(device_map, max_memory, offload_folder),
     )
     if not run.lead:  # a data-parallel tune (torchrun): rank 0 prints and writes

@@ -353,11 +353,15 @@ class TuneRun:
     summary: dict[str, Any]
     checks: list = field(default_factory=list)
     lead: bool = True  # False on ranks other than 0 of a data-parallel run: they write nothing
+    checkpoint: Path | None = None  # the finished dev trials kept while it ran (removed once written)
 
     def write(self, out: Path) -> list[Path]:
         if not self.lead:
             return []
-        return write_results(out, self.result.test.items, self.summary, {"dev": self.result.dev})
+        written = write_results(out, self.result.test.items, self.summary, {"dev": self.result.dev})
+        if self.checkpoint is not None and Path(out).resolve() == self.checkpoint.parent.resolve():
+            remove_checkpoint(self.checkpoint, TUNE)
+        return written
 
 
 def run_tune(
@@ -381,6 +385,8 @@ def run_tune(
     device_map: str | dict[str, Any] | None = None,
     max_memory: str | dict[Any, Any] | None = None,
     offload_folder: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> TuneRun:
     """``headmap tune``: factors chosen on ``task_dev``, held-out accuracy on ``task_test``. The
     templates, the grid, the tasks, every edit at every factor and ``out`` are checked before the
@@ -389,13 +395,23 @@ def run_tune(
     they do (test avoids dev's needles and prose, both avoid the atlas's).
 
     ``device_map``, ``max_memory``, ``offload_folder``: as in :func:`run_eval`; so is data parallel under
-    torchrun (each rank scores its share of every batch list, only rank 0 writes)."""
+    torchrun (each rank scores its share of every batch list, only rank 0 writes). ``progress`` receives
+    one line per dev trial and one once the test split is scored (rank 0's only, under torchrun).
+
+    With ``out``, every finished dev trial (the factors of every group -> dev accuracy and p(answer)) is
+    kept in ``<out>/.headmap-tune/`` as soon as it is done (by rank 0 under torchrun), after a fingerprint
+    of the run (model and weights, the dev and test items, the templates resolved at every factor, the
+    options); ``resume=True`` (``--resume``) reads them back instead of scoring them again (rank 0 reads,
+    every rank gets them) and refuses a different run naming the field, as :func:`run_eval` does; the
+    choice and the test result equal an uninterrupted run's. :meth:`TuneRun.write` removes the folder
+    once the results are written."""
     ranks = Ranks.start(device)
     try:
         return _run_tune(
             ranks, model, task_dev, task_test, templates, grid, neutral, atlas, out, limit, batch_size, max_length,
             bootstrap, seed, dtype, ranks.device(device) if ranks else device, units, allow_overlap,
             {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder},
+            progress if progress is not None and (ranks is None or ranks.leader) else (lambda _msg: None), resume,
         )  # fmt: skip
     finally:
         if ranks is not None:
@@ -422,7 +438,11 @@ def _run_tune(
     units: str,
     allow_overlap: bool,
     placement: dict[str, Any],
+    say: Callable[[str], None],
+    resume: bool = False,
 ) -> TuneRun:
+    if resume and out is None:
+        raise OptionError("--resume needs --out, the folder that holds the stopped tune")
     templates = list(templates or [])
     if not templates:
         raise OptionError("tune needs at least one --edit-template, e.g. scale_first_token:heads=[[0,1]]:factor={f}")
@@ -434,6 +454,7 @@ def _run_tune(
         raise OptionError(f"--units must be one of {', '.join(UNITS)} (got {units!r})")
     check_counts(batch_size, bootstrap, limit)
     check_out(out)
+    check_checkpoint(out, resume, TUNE)
     for spec in (task_dev, task_test):
         if is_ruler(spec):
             parse_ruler_spec(spec)
@@ -456,10 +477,12 @@ def _run_tune(
         if dev.path and Path(dev.path).resolve() == Path(test.path).resolve():
             raise OptionError("the dev and test tasks are the same file; tune on a dev split and report on another")
         checks = checks_of(dev, test)  # before the model loads
-    for t in templates:  # every template must make valid edits at every factor, before the model loads
-        for f in {*factors, neutral}:
-            build_edits([t.replace("{f}", repr(float(f)))], atlas_obj)
+    every = []  # every template must make valid edits at every factor, before the model loads
+    for t in templates:
+        for f in sorted({*factors, float(neutral)}):
+            every += build_edits([t.replace("{f}", repr(float(f)))], atlas_obj)
     lm = load_model(model, dtype=dtype, device=device, **placement)
+    prepare_edits(every, lm.tokenizer, lm.model)  # heads resolved (the fingerprint's); ones the model lacks fail
     exclude = [atlas_side.as_exclude()] if atlas_side.recorded else []
     if dev is None:
         dev = ruler_task(task_dev, lm.tokenizer, lm.max_length, limit, exclude or None)
@@ -470,7 +493,8 @@ def _run_tune(
         "limit": limit, "batch_size": batch_size, "max_length": max_length, "bootstrap": bootstrap, "seed": seed,
         "units": units, "grid": grid, "neutral": neutral, "templates": templates, "tasks": [task_dev, task_test],
     }  # fmt: skip
-    agree(ranks, "tune", lm, [_item_rows(dev), _item_rows(test)], [], [], [], dtype, options)
+    inputs = [_item_rows(dev), _item_rows(test)]
+    keep = start_checkpoint(ranks, out, resume, lm, inputs, [], every, [], dtype, options, TUNE)
     with sharing(ranks):
         result = tune(
             lm.model,
@@ -486,10 +510,13 @@ def _run_tune(
             bootstrap=bootstrap,
             seed=seed,
             units=units,
+            progress=say,
+            known=keep.stored,
+            on_trial=keep.trial,
         )
     summary = {"model": lm.model_id, **result.summary(), "held_out": [c.as_dict() for c in checks]}
     lead = ranks is None or ranks.leader
-    return TuneRun(lm.model_id, result, len(dev), len(test), neutral, summary, checks, lead)
+    return TuneRun(lm.model_id, result, len(dev), len(test), neutral, summary, checks, lead, keep.folder)
 
 
 def _item_dicts(task: Task) -> list[dict[str, Any]]:
@@ -540,56 +567,94 @@ def fingerprint(
     }
 
 
-def agree(
-    ranks: Ranks | None,
-    what: str,
-    lm: Any,
-    inputs: Any,
-    specs: list[str],
-    edits: list,
-    draws: list,
-    dtype: str,
-    options: dict[str, Any],
-) -> None:
-    """Under torchrun: stop every rank, naming the field, when the ranks' runs differ (before any scoring)."""
-    if ranks is None:
-        return
-    ranks.agree_on(fingerprint(lm, inputs, specs, edits, draws, dtype, options), what)
+# -- resuming a stopped eval or tune ------------------------------------------------------------------------
 
-
-# -- resuming a stopped eval --------------------------------------------------------------------------------
-
-#: The finished conditions of an eval in progress, inside its --out folder.
-CHECKPOINT = ".headmap-eval"
 FINGERPRINT = "fingerprint.json"
 
 
-def check_checkpoint(out: Path | None, resume: bool) -> None:
-    """Refuse an --out holding a stopped eval unless ``resume`` (before the model loads)."""
+@dataclass(frozen=True)
+class CheckpointKind:
+    """What a run keeps in its --out folder while it runs: the folder's name, its files besides the
+    fingerprint (name prefixes), the files that count as finished units, and the words its messages use."""
+
+    folder: str  # inside --out
+    run: str  # the verb, as the ranks' agreement names it
+    noun: str  # the run, as messages name it: "a stopped evaluation", "cannot resume the evaluation"
+    unit: str  # one finished unit, singular
+    files: tuple[str, ...]  # name prefixes of the files it writes (temporaries too, after their dot)
+    counted: tuple[str, ...]  # globs of the files that are one finished unit each
+    read: Callable[[Path], dict[Any, Any]]  # the finished units of a folder, as Keeper.stored holds them
+
+
+def _read_checkpoint(folder: Path) -> dict[Any, Any]:
+    """The conditions kept in ``folder``: "base" (as written) and condition numbers (EvalResults)."""
+    stored: dict[Any, Any] = {}
+    try:
+        if (folder / "base.json").is_file():
+            stored["base"] = json.loads((folder / "base.json").read_text(encoding="utf-8"))
+        for path in sorted(folder.glob("condition-*.json")):
+            k = int(path.stem.removeprefix("condition-"))
+            d = json.loads(path.read_text(encoding="utf-8"))
+            items = pd.read_parquet(path.with_suffix(".parquet"))
+            stored[k] = EvalResult(
+                d["task"], d["kind"], _comparison(d["acc"]), items, _comparison(d["acc_norm"]), d["edits"], d["extra"]
+            )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutputError(f"the checkpoint in {folder} is damaged ({exc}); remove {folder} to start over") from None
+    return stored
+
+
+def _read_trials(folder: Path) -> dict[Any, Any]:
+    """The dev trials kept in ``folder``: factors (a tuple, one per group) -> (dev accuracy, p(answer))."""
+    stored: dict[Any, Any] = {}
+    try:
+        for path in sorted(folder.glob("trial-*.json")):
+            d = json.loads(path.read_text(encoding="utf-8"))
+            stored[tuple(float(f) for f in d["factors"])] = (float(d["dev_accuracy"]), float(d["dev_p_answer"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutputError(f"the checkpoint in {folder} is damaged ({exc}); remove {folder} to start over") from None
+    return stored
+
+
+#: eval keeps the unedited predictions (base.json) and each finished condition (condition-NNNN.json/.parquet).
+EVAL = CheckpointKind(
+    ".headmap-eval", "eval", "evaluation", "condition", ("condition-", "base.json"), ("condition-*.json", "base.json"),
+    _read_checkpoint,
+)  # fmt: skip
+#: tune keeps each finished dev trial (trial-NNNN.json: the factors, dev accuracy and p(answer)).
+TUNE = CheckpointKind(".headmap-tune", "tune", "tune", "dev trial", ("trial-",), ("trial-*.json",), _read_trials)
+#: The finished conditions of an eval in progress, inside its --out folder.
+CHECKPOINT = EVAL.folder
+#: The finished dev trials of a tune in progress, inside its --out folder.
+TUNE_CHECKPOINT = TUNE.folder
+
+
+def check_checkpoint(out: Path | None, resume: bool, kind: CheckpointKind = EVAL) -> None:
+    """Refuse an --out holding a stopped eval (or ``kind``'s run) unless ``resume`` (before the model loads)."""
     if out is None or resume:
         return
-    folder = Path(out) / CHECKPOINT
+    folder = Path(out) / kind.folder
     if (folder / FINGERPRINT).is_file():
-        done = len(list(folder.glob("condition-*.json"))) + (folder / "base.json").is_file()
+        done = sum(len(list(folder.glob(pattern))) for pattern in kind.counted)
         raise OutputError(
-            f"--out {out} holds a stopped evaluation ({CHECKPOINT}, {done} condition(s) done); pass --resume to "
+            f"--out {out} holds a stopped {kind.noun} ({kind.folder}, {done} {kind.unit}(s) done); pass --resume to "
             f"continue it, or choose another folder (or remove {folder} to start over)"
         )
 
 
-def remove_checkpoint(folder: Path) -> None:
-    """Delete the files eval wrote into its checkpoint folder (temporaries too), then the folder if empty."""
+def remove_checkpoint(folder: Path, kind: CheckpointKind = EVAL) -> None:
+    """Delete the files the run wrote into its checkpoint folder (temporaries too), then the folder if empty."""
     if not folder.is_dir() or folder.is_symlink():
         return
     for path in folder.iterdir():
         name = path.name.lstrip(".")
-        ours = name.startswith(("condition-", "base.json", FINGERPRINT))
+        ours = name.startswith((*kind.files, FINGERPRINT))
         if ours and path.is_file() and not path.is_symlink():
             path.unlink()
     try:
         folder.rmdir()
     except OSError:
-        pass  # it holds files eval did not write: leave them
+        pass  # it holds files the run did not write: leave them
 
 
 def _predictions_json(p: Predictions) -> dict[str, Any]:
@@ -620,13 +685,16 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class Keeper:
-    """The finished conditions of this eval: read back on --resume (rank 0's, handed to every rank), and
-    written by rank 0 as each is done (``folder`` None: no --out, nothing kept)."""
+    """The finished conditions of this eval (or dev trials of this tune, ``kind``): read back on --resume
+    (rank 0's, handed to every rank), and written by rank 0 as each is done (``folder`` None: no --out,
+    nothing kept)."""
 
     folder: Path | None
     lead: bool
-    stored: dict[str, Any] = field(default_factory=dict)  # "base" and condition numbers read back
+    stored: dict[Any, Any] = field(default_factory=dict)  # eval: "base" and condition numbers; tune: factors
     resumed: list[str] = field(default_factory=list)
+    kind: CheckpointKind = EVAL
+    trials: int = 0  # tune: the dev trials written, read back included (the next file's number)
 
     def note(self, key: Any) -> str:
         return ", from the checkpoint" if str(key) in self.resumed else ""
@@ -640,8 +708,8 @@ class Keeper:
             from ..rundir import os_error_text
 
             raise OutputError(
-                f"{os_error_text(exc, f'writing the checkpoint into {self.folder}')}; the conditions written so far "
-                "are kept: fix that and run again with --resume"
+                f"{os_error_text(exc, f'writing the checkpoint into {self.folder}')}; the {self.kind.unit}s written "
+                "so far are kept: fix that and run again with --resume"
             ) from None
 
     def base(self, compute: Callable[[], Any], dump: Callable[[Any], Any], load: Callable[[Any], Any]) -> Any:
@@ -667,23 +735,12 @@ class Keeper:
         self._write(f"{name}.json", lambda path: write_text(path, json.dumps(record, default=_plain) + "\n"))
         return result
 
-
-def _read_checkpoint(folder: Path) -> dict[str, Any]:
-    """The conditions kept in ``folder``: "base" (as written) and condition numbers (EvalResults)."""
-    stored: dict[str, Any] = {}
-    try:
-        if (folder / "base.json").is_file():
-            stored["base"] = json.loads((folder / "base.json").read_text(encoding="utf-8"))
-        for path in sorted(folder.glob("condition-*.json")):
-            k = int(path.stem.removeprefix("condition-"))
-            d = json.loads(path.read_text(encoding="utf-8"))
-            items = pd.read_parquet(path.with_suffix(".parquet"))
-            stored[k] = EvalResult(
-                d["task"], d["kind"], _comparison(d["acc"]), items, _comparison(d["acc_norm"]), d["edits"], d["extra"]
-            )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise OutputError(f"the checkpoint in {folder} is damaged ({exc}); remove {folder} to start over") from None
-    return stored
+    def trial(self, factors: tuple[float, ...], score: tuple[float, float]) -> None:
+        """Keep one finished dev trial of tune (floats through JSON's repr: read back exactly)."""
+        record = {"factors": list(factors), "dev_accuracy": score[0], "dev_p_answer": score[1]}
+        name = f"trial-{self.trials:04d}.json"
+        self.trials += 1
+        self._write(name, lambda path: write_text(path, json.dumps(record) + "\n"))
 
 
 def start_checkpoint(
@@ -697,20 +754,21 @@ def start_checkpoint(
     draws: list,
     dtype: str,
     options: dict[str, Any],
+    kind: CheckpointKind = EVAL,
 ) -> Keeper:
-    """Check that the ranks run the same eval (under torchrun), then set up the checkpoint of finished
-    conditions: on ``resume``, compare the stored fingerprint (one line naming every field that differs)
-    and read the conditions back; else start an empty one. Before any scoring."""
+    """Check that the ranks run the same eval (or ``kind``'s run, tune) under torchrun, then set up the
+    checkpoint of finished conditions (tune: dev trials): on ``resume``, compare the stored fingerprint (one
+    line naming every field that differs) and read them back; else start an empty one. Before any scoring."""
     fp = fingerprint(lm, inputs, specs, edits, draws, dtype, options)
     if ranks is not None:
-        ranks.agree_on({**fp, "--out": str(Path(out).resolve()) if out else None, "--resume": resume}, "eval")
+        ranks.agree_on({**fp, "--out": str(Path(out).resolve()) if out else None, "--resume": resume}, kind.run)
     lead = ranks is None or ranks.leader
     if out is None:
-        return Keeper(None, lead)
+        return Keeper(None, lead, kind=kind)
     from ..models import weights_signature
 
     fp = {**fp, "weights": weights_signature(lm.model)[:16]}  # the values too, not only the shapes
-    folder = Path(out) / CHECKPOINT
+    folder = Path(out) / kind.folder
 
     def begin() -> dict[str, Any]:
         if not lead:
@@ -729,13 +787,13 @@ def start_checkpoint(
             ]
             if diffs:
                 raise OutputError(
-                    f"cannot resume the evaluation in {out}: {'; '.join(diffs)}; its finished conditions are kept: "
-                    f"rerun the command that started it with --resume, or remove {folder} to start over"
+                    f"cannot resume the {kind.noun} in {out}: {'; '.join(diffs)}; its finished {kind.unit}s are "
+                    f"kept: rerun the command that started it with --resume, or remove {folder} to start over"
                 )
-            stored = _read_checkpoint(folder)
+            stored = kind.read(folder)
         else:
             try:
-                remove_checkpoint(folder)
+                remove_checkpoint(folder, kind)
                 folder.mkdir(parents=True, exist_ok=True)
                 write_text(folder / FINGERPRINT, json.dumps(fp, indent=2, default=str) + "\n")
             except OSError as exc:
@@ -747,7 +805,7 @@ def start_checkpoint(
     stored = begin() if ranks is None else ranks.together(begin)
     if ranks is not None:
         stored = ranks.gather(stored if lead else None)[0]  # rank 0's view, on every rank
-    return Keeper(folder, lead, stored)
+    return Keeper(folder, lead, stored, kind=kind, trials=len(stored) if kind is TUNE else 0)
 
 
 def _brief(value: Any, limit: int = 100) -> str:

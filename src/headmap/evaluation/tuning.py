@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from .scoring import DEFAULT_BATCH_SIZE, DEFAULT_BOOTSTRAP, EvalResult, evaluate
 from .tasks import Task, load_task
 
 EditFactory = Callable[[float], Sequence]
+#: One dev trial's outcome: (dev accuracy, mean p(answer)).
+Score = tuple[float, float]
 
 
 @dataclass
@@ -99,6 +102,8 @@ def tune(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     units: str = "auto",
+    known: Mapping[tuple[float, ...], Score] | None = None,
+    on_trial: Callable[[tuple[float, ...], Score], None] | None = None,
 ) -> TuneResult:
     """Choose one factor per head group on ``dev`` only, then report held-out accuracy on ``test``.
 
@@ -110,6 +115,13 @@ def tune(
     higher than the group's neutral setting gives; otherwise the group stays neutral. The test
     split is read only after every choice is made, to score the chosen edits against the
     unedited model.
+
+    ``progress`` receives one line per dev trial (group, factor, dev accuracy, p(answer)) and one once
+    the test split is scored. ``known``: dev trials already scored (the factors of every group, in
+    order -> (dev accuracy, mean p(answer))), taken as they are instead of scored again (``headmap tune
+    --resume`` reads them from its checkpoint); ``on_trial(factors, score)`` is called as each other
+    trial is scored, before its progress line. The choice depends only on these scores, so a run given
+    the trials of an earlier one chooses what that run would have.
     """
     dev = dev if isinstance(dev, Task) else load_task(dev)
     test = test if isinstance(test, Task) else load_task(test)
@@ -137,13 +149,22 @@ def tune(
 
     answers = np.array([it.answer for it in dev.items])
     rows = []
-    cache: dict[tuple[float, ...], tuple[float, float]] = {}
+    cache: dict[tuple[float, ...], Score] = {}
+    given = {tuple(float(f) for f in key): (float(a), float(p)) for key, (a, p) in (known or {}).items()}
+    seconds: dict[tuple[float, ...], float] = {}
 
-    def dev_score(factors: list[float]) -> tuple[float, float]:
+    def dev_score(factors: list[float]) -> Score:
         key = tuple(factors)
         if key not in cache:
-            pred = predict(model, tokenizer, dev, edits_for(factors), batch_size, max_length)
-            cache[key] = (float(pred.correct(answers).mean()), float(pred.p_answer.mean()))
+            if key in given:
+                cache[key] = given[key]
+            else:
+                started = time.perf_counter()
+                pred = predict(model, tokenizer, dev, edits_for(factors), batch_size, max_length)
+                cache[key] = (float(pred.correct(answers).mean()), float(pred.p_answer.mean()))
+                seconds[key] = time.perf_counter() - started
+                if on_trial is not None:
+                    on_trial(key, cache[key])
         return cache[key]
 
     values = sorted(set(grid) | {float(neutral)})
@@ -155,7 +176,9 @@ def tune(
             trial[g] = f
             score = dev_score(trial)
             rows.append({"group": g, "factor": f, "dev_accuracy": score[0], "dev_p_answer": score[1]})
-            say(f"group {g} factor {_number(f)}: dev accuracy {score[0]:.3f}, p(answer) {score[1]:.4f}")
+            key = tuple(trial)
+            note = f"{seconds[key]:.1f} s" if key in seconds else "from the checkpoint"
+            say(f"group {g} factor {_number(f)}: dev accuracy {score[0]:.3f}, p(answer) {score[1]:.4f}, {note}")
             trials.append((score, trial))
         score, trial = max(trials, key=lambda t: t[0])  # accuracy, then p(answer); the first of equals
         if score[0] > current[0]:  # only a gain in dev accuracy changes the model
@@ -163,6 +186,11 @@ def tune(
     specs = [
         t.replace("{f}", _number(f)) if isinstance(t, str) else repr(t) for t, f in zip(templates, chosen, strict=True)
     ]
+    started = time.perf_counter()
     result = evaluate(model, tokenizer, test, edits_for(chosen), batch_size, max_length, bootstrap, seed, units=units)
     result.edits = specs
+    say(
+        f"test: {len(test)} items, accuracy {result.acc.accuracy_base:.3f} unedited, "
+        f"{result.acc.accuracy_edit:.3f} with the chosen edits, {time.perf_counter() - started:.1f} s"
+    )
     return TuneResult(pd.DataFrame(rows), chosen, specs, result, dev.name, test.name)
