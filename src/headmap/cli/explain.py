@@ -36,6 +36,20 @@ def explain(
         ),
     ] = "rollout,attn_grad,saliency,integrated_gradients",
     steps: Annotated[int, typer.Option(help="integrated_gradients: points on the path")] = 32,
+    occlusion_window: Annotated[
+        int | None,
+        typer.Option(
+            help="occlusion: replace this many consecutive tokens at once (default 1, leave-one-token-out); "
+            "about T / W + 1 forwards instead of T + 1"
+        ),
+    ] = None,
+    occlusion_stride: Annotated[
+        int | None,
+        typer.Option(
+            help="occlusion: tokens between window starts, at most the window (default: the window); a token's "
+            "value is the mean over the windows that cover it"
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")] = "float32",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
     max_length: Annotated[int | None, typer.Option(help="tokens per input, longer ones cut")] = None,
@@ -85,7 +99,7 @@ def explain(
         if bar is not None:
             bar.update(task, completed=done, total=total)
 
-    def on_layer(method: str, done: int, total: int) -> None:  # a long input's progress, layer by layer
+    def on_layer(method: str, done: int, total: int) -> None:  # a long input's progress: layers, occlusion's windows
         if bar is not None:
             bar.update(layers, description=method, completed=done, total=total, visible=done < total)
 
@@ -106,6 +120,8 @@ def explain(
             seed=seed,
             resume=resume,
             limit=limit,
+            occlusion_window=occlusion_window,
+            occlusion_stride=occlusion_stride,
             progress=step,
             on_layer=on_layer,
             **placement(device_map, max_memory, offload_folder),

@@ -43,6 +43,7 @@ from ..rundir import check_writable, os_error_text, write_file, write_text
 from .api import METHODS, BatchResult, Plan, _pad, merge, plan, resolve_methods, run_batches
 from .base import make_job
 from .integrated_gradients import IntegratedGradients
+from .occlusion import Occlusion
 from .page import write_page
 
 #: What ``headmap explain`` writes into --out (and the only files it replaces there).
@@ -76,11 +77,42 @@ def read_texts(text: Sequence[str] | None, corpus: Path | None) -> list[str]:
     return lines
 
 
-def parse_methods(spec: str, steps: int) -> list:
+def parse_methods(
+    spec: str, steps: int, occlusion_window: int | None = None, occlusion_stride: int | None = None
+) -> list:
+    """The methods of --methods: integrated_gradients with --steps, occlusion with --occlusion-window and
+    --occlusion-stride (refused without occlusion in --methods, where they would do nothing)."""
     names = [m.strip() for m in spec.split(",") if m.strip()]
     if not names:
         raise OptionError(f"--methods is empty; use some of: {', '.join(METHODS)}")
-    return [IntegratedGradients(steps=steps) if n == "integrated_gradients" else n for n in names]
+    window, stride = occlusion_window, occlusion_stride
+    given = [f for f, v in (("--occlusion-window", window), ("--occlusion-stride", stride)) if v is not None]
+    if given and "occlusion" not in names:
+        raise OptionError(
+            f"{' and '.join(given)} set occlusion's windows, but --methods has no occlusion; add it or drop them"
+        )
+    if window is not None and window < 1:
+        raise OptionError(
+            f"--occlusion-window must be at least 1 token (got {window}); 1 is leave-one-token-out, "
+            "a few hundred makes 16K tokens affordable"
+        )
+    window = 1 if window is None else window
+    if stride is not None and stride < 1:
+        raise OptionError(f"--occlusion-stride must be at least 1 token (got {stride}); leave it out to use the window")
+    if stride is not None and stride > window:
+        raise OptionError(
+            f"--occlusion-stride {stride} is longer than --occlusion-window {window}, which leaves tokens that no "
+            "window covers; pass a stride of at most the window (left out, it is the window)"
+        )
+
+    def make(name: str):
+        if name == "integrated_gradients":
+            return IntegratedGradients(steps=steps)
+        if name == "occlusion":
+            return Occlusion(window=window, stride=stride)
+        return name
+
+    return [make(n) for n in names]
 
 
 #: Finished batches of an explanation in progress (see the module docstring).
@@ -163,6 +195,14 @@ def fingerprint(
 
 
 FIELD_NAMES = {"max_length": "--max-length", "limit": "--limit", "batch_size": "--batch-size", "seed": "--seed"}
+#: the command-line option of a method's parameter, named when only parameters of the same methods differ
+PARAM_OPTIONS = {
+    ("integrated_gradients", "steps"): "--steps",
+    ("occlusion", "window"): "--occlusion-window",
+    ("occlusion", "stride"): "--occlusion-stride",
+}
+#: the value of a parameter a method leaves out of its params() (occlusion's, when leave-one-out)
+LEFT_OUT = {("occlusion", "window"): 1, ("occlusion", "stride"): 1}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], theirs: str = "the checkpoint") -> list[str]:
@@ -175,8 +215,30 @@ def differences(old: dict[str, Any], new: dict[str, Any], theirs: str = "the che
             mine = {k: v for k, v in value.items() if k != "id"}
             was = {k: v for k, v in was.items() if k != "id"}
         if was != mine:
-            out.append(f"{FIELD_NAMES.get(key, key)} differs ({theirs} has {_text(was)}, this run {_text(mine)})")
+            detail = _param_changes(was, mine, theirs) if key == "methods" else None
+            detail = detail or f"{theirs} has {_text(was)}, this run {_text(mine)}"
+            out.append(f"{FIELD_NAMES.get(key, key)} differs ({detail})")
     return out
+
+
+def _param_changes(old: Any, new: Any, theirs: str) -> str | None:
+    """The parameters that differ between two lists of the same methods, by option where there is one
+    (``--occlusion-window: the checkpoint has 1, this run 256``); None when the methods themselves differ."""
+    try:
+        if [m["name"] for m in old] != [m["name"] for m in new]:
+            return None
+        parts = []
+        for was, mine in zip(old, new, strict=True):
+            params_was, params_mine = was.get("params") or {}, mine.get("params") or {}
+            for p in sorted(set(params_was) | set(params_mine)):
+                unset = LEFT_OUT.get((mine["name"], p))
+                a, b = params_was.get(p, unset), params_mine.get(p, unset)
+                if a != b:
+                    label = PARAM_OPTIONS.get((mine["name"], p), f"{mine['name']} {p}")
+                    parts.append(f"{label}: {theirs} has {_text(a)}, this run {_text(b)}")
+    except (TypeError, KeyError, AttributeError):  # a fingerprint of another form: the plain comparison
+        return None
+    return "; ".join(parts) or None
 
 
 def _text(value: Any, limit: int = 100) -> str:
@@ -280,12 +342,16 @@ def run_explain(
     offload_folder: str | Path | None = None,
     resume: bool = False,
     limit: int | None = None,
+    occlusion_window: int | None = None,
+    occlusion_stride: int | None = None,
 ) -> ExplainRun:
     """Explain ``target`` on the texts with ``methods``; write attributions.parquet, faithfulness.parquet,
     explain.json and explain.html (token strips and deletion curves) into ``out``.
 
     ``progress(done, total)`` is called after each batch of texts. ``device_map``, ``max_memory``,
     ``offload_folder``: model parallel placement (:func:`headmap.load_model`). ``limit``: the first N texts.
+    ``occlusion_window``, ``occlusion_stride``: occlusion's windows (:class:`~headmap.explain.Occlusion`;
+    default leave-one-token-out).
     ``resume``: go on from the finished batches of a stopped run in ``out`` (see the module docstring);
     under torchrun the ranks share the batches and rank 0 writes (:attr:`ExplainRun.lead`)."""
     ranks = Ranks.start(device)
@@ -294,6 +360,7 @@ def run_explain(
             ranks, model, text, corpus, target, methods, steps, dtype, device, max_length, batch_size, Path(out),
             overwrite, seed, progress, on_layer,
             {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}, resume, limit,
+            (occlusion_window, occlusion_stride),
         )  # fmt: skip
     finally:
         if ranks is not None:
@@ -320,13 +387,14 @@ def _run_explain(
     placed: dict[str, Any],
     resume: bool,
     limit: int | None,
+    occlusion: tuple[int | None, int | None] = (None, None),
 ) -> ExplainRun:
     texts = read_texts(text, corpus)
     if limit is not None:
         if limit < 1:
             raise OptionError(f"--limit must be at least 1 (got {limit})")
         texts = texts[:limit]
-    chosen = resolve_methods(parse_methods(methods, steps))
+    chosen = resolve_methods(parse_methods(methods, steps, *occlusion))
     if max_length is not None and max_length < 1:
         raise OptionError(f"--max-length must be at least 1 (got {max_length})")
     if batch_size < 1:
