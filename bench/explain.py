@@ -16,6 +16,8 @@ token at the last position. Modes:
   saliency, integrated_gradients (--ig-steps steps), last_layer_attention
                   headmap's other methods on the same input and target (that each runs at a length, and
                   its cost against sdpa_fwd_bwd or sdpa_fwd)
+  occlusion       headmap occlusion with windows of --occlusion-window tokens (default 2048, stride = window):
+                  ceil((T - W) / W) + 2 forwards of the input, so about that many times sdpa_fwd
 
 Issue 12's targets (ratios to the same run's baseline): rollout <= 2.5x sdpa_fwd, attn_grad <= 3x
 sdpa_fwd_bwd at 16K tokens, memory linear in T.
@@ -43,6 +45,7 @@ the same cost.
     .venv/bin/python bench/explain.py --no-timing --no-captum --inseq --ig-steps 4   # Inseq at 512, 2K, 8K
     .venv/bin/python bench/explain.py --lengths 16384 --modes sdpa_fwd rollout sdpa_fwd_bwd attn_grad
     .venv/bin/python bench/explain.py --no-timing               # Captum only
+    .venv/bin/python bench/explain.py --lengths 16384 --modes sdpa_fwd occlusion --no-captum   # windows of 2048
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ import engine as bench_engine  # noqa: E402  (bench/engine.py: shapes, memory re
 
 MODES = (
     "sdpa_fwd", "rollout", "sdpa_fwd_bwd", "attn_grad", "eager_rollout",
-    "saliency", "integrated_gradients", "last_layer_attention",
+    "saliency", "integrated_gradients", "last_layer_attention", "occlusion",
 )  # fmt: skip
 #: headmap's other methods, timed the same way (integrated gradients with --ig-steps steps)
 OTHER_METHODS = {"saliency": "Saliency", "integrated_gradients": "IntegratedGradients",
@@ -123,10 +126,12 @@ def run_mode(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     def run(ids):
-        if args.mode in ("rollout", "attn_grad", *OTHER_METHODS):
+        if args.mode in ("rollout", "attn_grad", "occlusion", *OTHER_METHODS):
             target = E.parse_target(f"token:{token}", model, None)
             job = E.make_job(model, target, [ids[0].tolist()], pad=0)
-            if args.mode in OTHER_METHODS:
+            if args.mode == "occlusion":
+                method = E.Occlusion(window=args.occlusion_window)
+            elif args.mode in OTHER_METHODS:
                 cls = getattr(E, OTHER_METHODS[args.mode])
                 method = cls(steps=args.ig_steps) if args.mode == "integrated_gradients" else cls()
             else:
@@ -245,6 +250,7 @@ def run_compare_mode(args: argparse.Namespace) -> dict:
 def run_child(args: argparse.Namespace, mode: str, T: int, rss_limit: int, python: str | None = None) -> dict:
     cmd = [python or sys.executable, __file__, "--_child", "--mode", mode, "--T", str(T), "--device", args.device]
     cmd += ["--threads", str(args.threads), "--ig-steps", str(args.ig_steps)]
+    cmd += ["--occlusion-window", str(args.occlusion_window)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(HERE)]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     killed = {"rss": False}
@@ -298,13 +304,17 @@ def timing(args: argparse.Namespace) -> list[dict]:
         pairs = (
             ("rollout", "sdpa_fwd", 2.5), ("attn_grad", "sdpa_fwd_bwd", 3.0),
             ("last_layer_attention", "sdpa_fwd", None), ("saliency", "sdpa_fwd_bwd", None),
-            ("integrated_gradients", "sdpa_fwd_bwd", None),
+            ("integrated_gradients", "sdpa_fwd_bwd", None), ("occlusion", "sdpa_fwd", None),
         )  # fmt: skip
         for mode, base, goal in pairs:
             if mode in got and base in got:
                 ratio = got[mode]["wall_s"] / got[base]["wall_s"]
                 mem = got[mode]["extra_bytes"] / max(got[base]["extra_bytes"], 1)
                 aim = f" (target <= {goal}x)" if goal else ""
+                if mode == "occlusion":  # its cost: y(x) and one forward per window
+                    w = args.occlusion_window
+                    forwards = (1 if T <= w else -(-(T - w) // w) + 1) + 1  # Occlusion's windows, + y(x)
+                    aim = f" ({forwards} forwards of windows of {args.occlusion_window}: about {forwards}x)"
                 print(f"T={T:>6} {mode}/{base}: time {ratio:.2f}x{aim}, extra memory {mem:.2f}x")
     return rows
 
@@ -471,6 +481,7 @@ def main() -> None:
     p.add_argument("--inseq-modes", nargs="+", default=list(COMPARE_MODES), choices=COMPARE_MODES)
     p.add_argument("--ig-steps", type=int, default=8, help="integrated gradients steps, the same for both")
     p.add_argument("--ig-max-length", type=int, default=2048, help="longest T for the integrated gradients modes")
+    p.add_argument("--occlusion-window", type=int, default=2048, help="occlusion mode: tokens per window (= stride)")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_captum", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)

@@ -123,7 +123,8 @@ def explain(
     ``methods``: names of :data:`METHODS` or method objects (e.g. ``IntegratedGradients(steps=64)``).
     Integrated gradients' completeness gap per text is in ``frame.attrs["integrated_gradients_gap"]``.
     ``progress(n)`` is called after each batch with the number of texts it held, ``on_layer(method, done,
-    total)`` after each layer pass of rollout and attn_grad (a long input's progress).
+    total)`` after each layer pass of rollout and attn_grad and each forward of occlusion (a long input's
+    progress).
     """
     return _run(model, tokenizer, texts, target, methods, batch_size, max_length, progress, None, on_layer)[0]
 

@@ -46,7 +46,7 @@ class Job:
     pad: int
     #: per-sample diagnostics a method reports (e.g. ``integrated_gradients_gap``), [B] tensors
     notes: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: ``on_layer(method, done, total)`` after each layer pass of an attention method (long inputs)
+    #: ``on_layer(method, done, total)`` after each layer pass of an attention method, each forward of occlusion
     on_layer: Callable[[str, int, int], None] | None = None
     #: target values [B] (detached) already computed on this batch by some method, by input: ``"x"`` the
     #: batch's own embeddings, ``"baseline:zeros"`` / ``"baseline:pad"`` integrated gradients' baselines;
