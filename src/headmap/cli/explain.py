@@ -40,7 +40,7 @@ def explain(
         int | None,
         typer.Option(
             help="occlusion: replace this many consecutive tokens at once (default 1, leave-one-token-out); "
-            "about T / W + 1 forwards instead of T + 1"
+            "about T / S + 1 forwards (S the stride) instead of T + 1"
         ),
     ] = None,
     occlusion_stride: Annotated[
