@@ -13,10 +13,11 @@ What is checked, and how exactly:
   numbers bit for bit;
 - the values on tiny Llama (a log-probability target) and BERT (a class logit) equal a brute force
   written here (eager attention, float64, one row at a time, no headmap class), padded batches
-  included. Bound: the only rounding that differs is the attention's (headmap's engine computes its
-  softmax in float32 on padded batches; the fused kernel's float64 sums run in another order on
-  unpadded ones), at most ``eager_bound(T)`` relative to the magnitudes at the target (tests/bounds.py,
-  with its stated gain-at-most-one assumption). A log-probability's absolute error is the relative
+  included. Bound: the rounding that differs is the attention's (transformers' eager attention, the
+  brute force, takes its softmax in float32 even in a float64 model; headmap's routes sum in another
+  order, and its engine's softmax may be float32 too), at most that of a float32 attention,
+  ``eager_bound(T)``, relative to the magnitudes at the target (tests/bounds.py, with its stated
+  gain-at-most-one assumption). A log-probability's absolute error is the relative
   error e of its probability (up to e / (1 - e)); a class logit w . h + b moves by at most
   e (|w| . |h| + |b|), h the pooled vector. Each value is a mean of differences of two such targets, so
   it is off by at most the sum of the two bounds (a mean is never further off than its worst term),
@@ -33,7 +34,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from bounds import U64, eager_bound, gamma
+from bounds import U64, batch_bound, eager_bound, gamma
 from cli_runner import assert_one_line_error, run
 from test_explain import _brute_target, _model
 
@@ -256,10 +257,11 @@ def test_the_api_takes_windows_and_a_batch_equals_one_by_one():
     alone = E.explain(model, None, rows, target="token:5", methods=[method], batch_size=1)
     order = ["sample", "position"]
     together, alone = (f.sort_values(order, ignore_index=True) for f in (together, alone))
-    # one batch against three: the batch size changes every matmul's blocking, and padding takes the
-    # engine's route (float32 softmax) where one row alone takes the fused kernel: eager_bound of each
-    # target, as in test_values_equal_the_brute_force, log-probabilities (magnitude 1)
-    e = eager_bound(11)
+    # one batch against three: the batch size changes every matmul's blocking (batch_bound over the MLP's
+    # 64 terms) and the route (padding: the engine's; one row alone: the fused kernel), whose attention
+    # differs by at most a float32 attention's rounding (eager_bound), as in test_values_equal_the_brute_force;
+    # log-probability targets (magnitude 1), two per value
+    e = eager_bound(11) + batch_bound(64)
     assert float((together.value - alone.value).abs().max()) <= 2 * e / (1 - e) + gamma(6, U64)
 
 
