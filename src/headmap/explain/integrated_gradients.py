@@ -20,7 +20,8 @@ class IntegratedGradients(Method):
     ``steps`` = m points (Captum's ``riemann_middle``); a token's value is the sum over its embedding.
     ``baseline``: "zeros" (x' = 0) or "pad" (every token's embedding replaced by the pad token's).
     Completeness says sum_j IG_j = y(x) - y(x'); the gap |sum_j IG_j - (y(x) - y(x'))| of each input
-    is reported (``job.notes["integrated_gradients_gap"]``) and shrinks as m grows.
+    is reported (``job.notes["integrated_gradients_gap"]``); it shrinks as m grows when y is smooth along
+    the path, and may not where y varies sharply near the baseline (docs/methods/integrated_gradients.md).
 
     Cost: m forwards and backwards, plus one forward for each end of the path, y(x) and y(x'), which
     the midpoint points never reach (a_k is never 0 or 1); an end another method already computed on
