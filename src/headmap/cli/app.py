@@ -47,6 +47,28 @@ class _Command(typer.core.TyperCommand):
             if getattr(param, "help", None):
                 param.help = help_text(param.help)
 
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; a Ctrl-C (KeyboardInterrupt) that reaches here gets one line saying what is
+        kept and exit code 130 (typer would turn it into a bare exit code). ``scan`` says its own line
+        (how many inputs its checkpoint keeps) before this is reached."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            err.print(interrupted_line(ctx.params), highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+
+
+def interrupted_line(params: dict[str, Any]) -> str:
+    """What a stopped command says: with ``--out`` and ``--resume`` (eval, tune, compress, explain keep
+    each finished unit in --out as it is done), how to go on."""
+    out = params.get("out")
+    if out is not None and "resume" in params:
+        return (
+            f"headmap: interrupted; what was finished is kept in {out}: run the same command with --resume to "
+            "go on from there"
+        )
+    return "headmap: interrupted"
+
 
 class _App(typer.Typer):
     """A Typer app whose commands are :class:`_Command` (help reflowed and literal)."""
