@@ -48,14 +48,19 @@ class _Command(typer.core.TyperCommand):
                 param.help = help_text(param.help)
 
     def invoke(self, ctx: Any) -> Any:
-        """Run the command; a Ctrl-C (KeyboardInterrupt) that reaches here gets one line saying what is
-        kept and exit code 130 (typer would turn it into a bare exit code). ``scan`` says its own line
-        (how many inputs its checkpoint keeps) before this is reached."""
+        """Run the command; a Ctrl-C (KeyboardInterrupt), or a SIGTERM, which stops the command the same
+        way while it runs, gets one line saying what is kept and exit code 130 (143 for SIGTERM); typer
+        would turn it into a bare exit code. ``scan`` says its own line (how many inputs its checkpoint
+        keeps) before this is reached."""
+        from ..errors import Terminated
+        from ..scan.loop import sigterm_as_interrupt
+
         try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:
+            with sigterm_as_interrupt(True):
+                return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
             err.print(interrupted_line(ctx.params), highlight=False, markup=False, soft_wrap=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
 
 
 def interrupted_line(params: dict[str, Any]) -> str:
