@@ -29,13 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 import torch  # noqa: E402
-from test_explain_planted import _induction_gradients  # noqa: E402
-from test_planted_heads import repeats, train  # noqa: E402
+from test_explain_planted import INPUTS, _induction_gradients, planted_inputs  # noqa: E402
+from test_planted_heads import train  # noqa: E402
 
 import headmap.explain as E  # noqa: E402
 from headmap.stats import clopper_pearson  # noqa: E402
 
-N, INPUTS = 12, 16
 METHODS = ["integrated_gradients", "rollout", "saliency", "attn_grad", "occlusion"]
 TARGETS = ("next", "contrast")
 
@@ -61,13 +60,7 @@ def seeds_of(text: str) -> list[int]:
 def one_seed(seed: int) -> dict[str, dict[str, list]]:
     """target -> method -> [(answer rank, key rank)] per input, plus "grads": dy/dA at the induction head."""
     model = train(seed).model
-    gen = torch.Generator().manual_seed(123 + seed)  # seed 0: the inputs of tests/test_explain_planted.py
-    x = repeats(gen, INPUTS, N)
-    rows, answers = [], []
-    for b in range(INPUTS):
-        k = int(torch.randint(2, N - 1, (1,), generator=gen))
-        rows.append(x[b, : 1 + N + k].tolist())
-        answers.append(1 + k)
+    rows, answers = planted_inputs(123 + seed)  # seed 0: the inputs of tests/test_explain_planted.py
     got: dict[str, dict[str, list]] = {}
     for kind in TARGETS:
         got[kind] = {m: [] for m in METHODS}

@@ -64,17 +64,22 @@ INPUTS = 16
 METHODS = ["integrated_gradients", "rollout", "saliency", "attn_grad", "occlusion"]
 
 
-@pytest.fixture(scope="module")
-def cases():
-    model = train().model
-    gen = torch.Generator().manual_seed(123)
+def planted_inputs(seed: int = 123) -> tuple[list[list[int]], list[int]]:
+    """INPUTS inputs BOS + r + r[:k] (k drawn from 2..N-2) by the generator ``seed``, and each one's answer
+    position 1 + k (bench/planted_targets.py draws other trainings' inputs with it too)."""
+    gen = torch.Generator().manual_seed(seed)
     x = repeats(gen, INPUTS, N)
     rows, answers = [], []
     for b in range(INPUTS):
         k = int(torch.randint(2, N - 1, (1,), generator=gen))
         rows.append(x[b, : 1 + N + k].tolist())
         answers.append(1 + k)
-    return model, rows, answers
+    return rows, answers
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return (train().model, *planted_inputs())
 
 
 @pytest.fixture(scope="module")
