@@ -694,7 +694,6 @@ class Keeper:
     stored: dict[Any, Any] = field(default_factory=dict)  # eval: "base" and condition numbers; tune: factors
     resumed: list[str] = field(default_factory=list)
     kind: CheckpointKind = EVAL
-    trials: int = 0  # tune: the dev trials written, read back included (the next file's number)
 
     def note(self, key: Any) -> str:
         return ", from the checkpoint" if str(key) in self.resumed else ""
@@ -736,10 +735,11 @@ class Keeper:
         return result
 
     def trial(self, factors: tuple[float, ...], score: tuple[float, float]) -> None:
-        """Keep one finished dev trial of tune (floats through JSON's repr: read back exactly)."""
+        """Keep one finished dev trial of tune (floats through JSON's repr: read back exactly); its file is
+        numbered after the trials kept before it, read back ones included."""
+        self.stored[tuple(factors)] = score
         record = {"factors": list(factors), "dev_accuracy": score[0], "dev_p_answer": score[1]}
-        name = f"trial-{self.trials:04d}.json"
-        self.trials += 1
+        name = f"trial-{len(self.stored) - 1:04d}.json"
         self._write(name, lambda path: write_text(path, json.dumps(record) + "\n"))
 
 
@@ -805,7 +805,7 @@ def start_checkpoint(
     stored = begin() if ranks is None else ranks.together(begin)
     if ranks is not None:
         stored = ranks.gather(stored if lead else None)[0]  # rank 0's view, on every rank
-    return Keeper(folder, lead, stored, kind=kind, trials=len(stored) if kind is TUNE else 0)
+    return Keeper(folder, lead, stored, kind=kind)
 
 
 def _brief(value: Any, limit: int = 100) -> str:
